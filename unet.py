@@ -1,0 +1,411 @@
+"""The 2D U-Net: its configuration, builder, compiler, and persistence.
+
+Faithful defaults reproduce the original U-Net (Ronneberger et al. 2015) as the
+Keras example in YunYang1994/TensorFlow2.0-Examples writes it: depth 4, 64 base
+filters doubling to 1024, two 3x3 ReLU 'same' convolutions per level, dropout
+0.5 at the two deepest levels, 2x upsampling followed by a 2x2 convolution, skip
+concatenation, a 2-channel 3x3 ReLU head and a 1x1 sigmoid output.
+
+The model is saved as HDF5 (``.h5``) with a JSON file of the same stem beside
+it; the JSON holds everything prediction needs (architecture, normalisation,
+tiling, threshold), so inference cannot drift from training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from data import DEFAULT_NORMALIZATION, MitoError, atomic_write  # noqa: E402
+
+DEFAULT_PREDICTION_TILE = 1024
+
+__all__ = [
+    "UNetConfig",
+    "ConfigError",
+    "ModelError",
+    "build_unet",
+    "compile_unet",
+    "receptive_field",
+    "LOSSES",
+    "default_overlap",
+    "save_model",
+    "load_model",
+    "make_predict_fn",
+    "settings_path",
+]
+
+
+class ConfigError(MitoError, ValueError):
+    """A configuration with one or more invalid fields; the message names them all."""
+
+
+class ModelError(MitoError):
+    """A model file or its settings file that cannot be used; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a 2D U-Net with a single-channel input and a sigmoid output.
+
+    depth: number of 2x2 poolings; inputs are padded to multiples of ``2**depth``.
+    base_filters: filters at full resolution; doubled at every level below.
+    dropout: dropout rate applied at the ``dropout_levels`` deepest levels.
+    batch_norm: batch normalisation after every 3x3 convolution (before ReLU).
+    head_filters: filters of the extra 3x3 ReLU convolution before the 1x1
+        output (2 in the original Keras example; 0 leaves it out).
+    """
+
+    depth: int = 4
+    base_filters: int = 64
+    dropout: float = 0.5
+    dropout_levels: int = 2
+    batch_norm: bool = False
+    head_filters: int = 2
+    kernel_initializer: str = "glorot_uniform"
+
+    def errors(self) -> list[str]:
+        """Every invalid field with the reason, empty when the config is valid."""
+        problems = []
+        if not isinstance(self.depth, int) or not 1 <= self.depth <= 6:
+            problems.append(f"depth={self.depth!r}: must be an integer from 1 to 6")
+        if not isinstance(self.base_filters, int) or self.base_filters < 1:
+            problems.append(f"base_filters={self.base_filters!r}: must be a positive integer")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if not isinstance(self.dropout_levels, int) or self.dropout_levels < 0:
+            problems.append(f"dropout_levels={self.dropout_levels!r}: must be an integer >= 0")
+        if not isinstance(self.batch_norm, bool):
+            problems.append(f"batch_norm={self.batch_norm!r}: must be true or false")
+        if not isinstance(self.head_filters, int) or self.head_filters < 0:
+            problems.append(f"head_filters={self.head_filters!r}: must be an integer >= 0")
+        if self.kernel_initializer not in ("glorot_uniform", "he_normal", "he_uniform"):
+            problems.append(
+                f"kernel_initializer={self.kernel_initializer!r}: "
+                "must be glorot_uniform, he_normal or he_uniform"
+            )
+        return problems
+
+    def validate(self) -> "UNetConfig":
+        problems = self.errors()
+        if problems:
+            raise ConfigError("invalid U-Net config: " + "; ".join(problems))
+        return self
+
+    @property
+    def alignment(self) -> int:
+        """Input sizes must be multiples of this (one per pooling)."""
+        return 2**self.depth
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "UNetConfig":
+        """Build and validate a config; unknown keys are errors, not silently dropped."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"invalid U-Net config: unknown fields {unknown}")
+        return cls(**values).validate()
+
+
+def build_unet(config: UNetConfig = UNetConfig()) -> tf.keras.Model:
+    """Build an uncompiled, fully convolutional U-Net.
+
+    Input ``(batch, y, x, 1)`` float32 in [0, 1] with y and x multiples of
+    ``config.alignment``; output ``(batch, y, x, 1)`` float32 probabilities.
+    Layer names are deterministic (``enc0_conv1`` ... ``output``).
+    """
+    config.validate()
+    layers = tf.keras.layers
+
+    def conv_block(x, filters, prefix, dropout):
+        for index in (1, 2):
+            x = layers.Conv2D(
+                filters,
+                3,
+                padding="same",
+                kernel_initializer=config.kernel_initializer,
+                use_bias=not config.batch_norm,
+                activation=None if config.batch_norm else "relu",
+                name=f"{prefix}_conv{index}",
+            )(x)
+            if config.batch_norm:
+                x = layers.BatchNormalization(name=f"{prefix}_bn{index}")(x)
+                x = layers.Activation("relu", name=f"{prefix}_relu{index}")(x)
+        if dropout > 0:
+            x = layers.Dropout(dropout, name=f"{prefix}_dropout")(x)
+        return x
+
+    def level_dropout(level):
+        # Levels are numbered 0 (full resolution) .. depth (bottleneck).
+        return config.dropout if level > config.depth - config.dropout_levels else 0.0
+
+    inputs = layers.Input(shape=(None, None, 1), name="image")
+    x = inputs
+    skips = []
+    for level in range(config.depth):
+        x = conv_block(x, config.base_filters * 2**level, f"enc{level}", level_dropout(level))
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    x = conv_block(x, config.base_filters * 2**config.depth, "bottleneck", level_dropout(config.depth))
+    for level in reversed(range(config.depth)):
+        filters = config.base_filters * 2**level
+        x = layers.UpSampling2D(2, name=f"dec{level}_upsample")(x)
+        x = layers.Conv2D(
+            filters,
+            2,
+            padding="same",
+            activation="relu",
+            kernel_initializer=config.kernel_initializer,
+            name=f"dec{level}_upconv",
+        )(x)
+        x = layers.Concatenate(axis=-1, name=f"dec{level}_concat")([skips[level], x])
+        x = conv_block(x, filters, f"dec{level}", 0.0)
+    if config.head_filters:
+        x = layers.Conv2D(
+            config.head_filters,
+            3,
+            padding="same",
+            activation="relu",
+            kernel_initializer=config.kernel_initializer,
+            name="head_conv",
+        )(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="output")(x)
+    return tf.keras.Model(inputs, outputs, name="unet")
+
+
+def receptive_field(config: UNetConfig) -> int:
+    """How far (pixels, along an axis) an input pixel can change the output.
+
+    At a level of stride s = 2**level, each 3x3 convolution reaches s pixels,
+    a 2x2 pooling or a 2x upsampling up to s (depending on the pixel's phase
+    in the pooling grid), and the 2x2 'same' up-convolution s on one side:
+    6 * s per level, 2 * 2**depth in the bottleneck, 1 for the 3x3 head.
+    tests/test_unet.py checks this against impulse responses of real models.
+    Tiles that keep their centre this far from their border reproduce
+    whole-image prediction exactly.
+    """
+    reach = sum(6 * 2**level for level in range(config.depth)) + 2 * 2**config.depth
+    return reach + (1 if config.head_filters else 0)
+
+
+def default_overlap(config: UNetConfig) -> int:
+    """Overlap between tiles that makes tiled prediction equal whole-image prediction."""
+    return 2 * _round_up(receptive_field(config), config.alignment)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@tf.keras.utils.register_keras_serializable(package="mito")
+def dice_loss(y_true, y_pred, smooth=1.0):
+    """Soft Dice loss over the whole batch (1 - Dice)."""
+    y_true = tf.cast(y_true, y_pred.dtype)
+    intersection = tf.reduce_sum(y_true * y_pred)
+    total = tf.reduce_sum(y_true) + tf.reduce_sum(y_pred)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+@tf.keras.utils.register_keras_serializable(package="mito")
+def bce_dice_loss(y_true, y_pred):
+    """Binary cross-entropy plus soft Dice: pixel-wise accuracy and overlap."""
+    bce = tf.reduce_mean(tf.keras.losses.binary_crossentropy(tf.cast(y_true, y_pred.dtype), y_pred))
+    return bce + dice_loss(y_true, y_pred)
+
+
+LOSSES = {
+    "bce": "binary_crossentropy",
+    "dice": dice_loss,
+    "bce_dice": bce_dice_loss,
+}
+
+
+def compile_unet(model: tf.keras.Model, learning_rate: float = 1e-4, loss: str = "bce") -> tf.keras.Model:
+    """Compile with Adam, the chosen loss and a foreground IoU metric named ``iou``."""
+    if loss not in LOSSES:
+        raise ConfigError(f"loss={loss!r}: must be one of {sorted(LOSSES)}")
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=LOSSES[loss],
+        metrics=[tf.keras.metrics.BinaryIoU(target_class_ids=[1], threshold=0.5, name="iou")],
+    )
+    return model
+
+
+# --- persistence -------------------------------------------------------------
+
+
+def settings_path(model_path: str | os.PathLike) -> Path:
+    """The settings JSON that belongs to a ``.h5`` model: same folder, same stem."""
+    return Path(model_path).with_suffix(".json")
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def save_model(model: tf.keras.Model, path: str | os.PathLike, settings: dict | None = None) -> None:
+    """Save ``model`` as HDF5 at ``path`` (which must end in .h5), atomically.
+
+    ``settings`` (JSON-serialisable, including ``"unet"``: the config dict) is
+    written beside it, also atomically, after the weights.
+    """
+    path = Path(path)
+    if path.suffix != ".h5":
+        raise ModelError(f"{path}: model files must end in .h5")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # HDF5 is this project's deliberate format; Keras 3 logs that it is legacy.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        atomic_write(path, lambda temporary: model.save(temporary))
+    finally:
+        absl_logger.setLevel(level)
+    if settings is not None:
+        write_json(settings_path(path), settings)
+
+
+class BestModelCheckpoint(tf.keras.callbacks.Callback):
+    """Save the model and its settings whenever the monitored value improves.
+
+    Unlike Keras' ModelCheckpoint it writes a temporary file and renames it,
+    so a crash or a kill at any moment leaves the previous best model whole.
+    ``settings["training"]["best_epoch"]`` is updated before each save.
+    """
+
+    def __init__(self, path, settings: dict, monitor: str = "val_loss"):
+        super().__init__()
+        self.path, self.settings, self.monitor = Path(path), settings, monitor
+        self.best, self.best_epoch = float("inf"), None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value) or value >= self.best:
+            return
+        self.best, self.best_epoch = float(value), epoch + 1
+        self.settings.setdefault("training", {})["best_epoch"] = self.best_epoch
+        save_model(self.model, self.path, self.settings)
+
+
+def read_settings(path: str | os.PathLike) -> dict | None:
+    """The settings JSON beside a model, or None when there is none."""
+    json_path = settings_path(path)
+    if not json_path.exists():
+        return None
+    try:
+        settings = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{json_path}: not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ModelError(f"{json_path}: expected a JSON object")
+    return settings
+
+
+def settings_errors(settings: dict) -> list[str]:
+    """Every field of a model's settings that prediction cannot use."""
+    problems = []
+    try:
+        UNetConfig.from_dict(settings.get("unet", {}))
+    except (ConfigError, TypeError) as error:
+        problems.append(str(error).removeprefix("invalid U-Net config: "))
+    normalization = settings.get("normalization", {})
+    if not isinstance(normalization, dict) or normalization.get("mode") not in ("percentile", "range"):
+        problems.append(f"normalization={normalization!r}: mode must be 'percentile' or 'range'")
+    elif normalization["mode"] == "percentile":
+        low, high = normalization.get("low"), normalization.get("high")
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 <= low < high <= 100):
+            problems.append(f"normalization={normalization!r}: need 0 <= low < high <= 100")
+    for key, minimum in (("tile_size", 1), ("overlap", 0)):
+        value = settings.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            problems.append(f"{key}={value!r}: must be an integer >= {minimum}")
+    threshold = settings.get("threshold")
+    if not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        problems.append(f"threshold={threshold!r}: must be a number between 0 and 1")
+    return problems
+
+
+def default_settings(config: UNetConfig) -> dict:
+    """What prediction uses for a model that has no settings JSON."""
+    return {
+        "unet": config.to_dict(),
+        "normalization": dict(DEFAULT_NORMALIZATION),
+        "tile_size": DEFAULT_PREDICTION_TILE,
+        "overlap": default_overlap(config),
+        "threshold": 0.5,
+    }
+
+
+def _infer_config(model: tf.keras.Model) -> UNetConfig:
+    """The geometry of a model of ours from its deterministic layer names."""
+    names = {layer.name for layer in model.layers}
+    depth = sum(1 for name in names if name.startswith("enc") and name.endswith("_pool"))
+    if not depth or "output" not in names:
+        raise ModelError("no settings JSON and the layers are not those of this project's U-Net")
+    head = model.get_layer("head_conv").filters if "head_conv" in names else 0
+    batch_norm = "enc0_bn1" in names
+    return UNetConfig(depth=depth, base_filters=model.get_layer("enc0_conv1").filters, head_filters=head, batch_norm=batch_norm)
+
+
+def load_model(path: str | os.PathLike) -> tuple[tf.keras.Model, dict]:
+    """Load a saved model for inference (uncompiled, Keras safe mode) and its settings.
+
+    Returns ``(model, settings)``. A missing JSON falls back to defaults with
+    a warning. Raises ModelError naming the file when the model is missing or
+    unusable, or its JSON is invalid or describes another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found (train one with training_mito.py)")
+    settings = read_settings(path)
+    try:
+        model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # h5py, Keras and OS errors all mean "unusable file"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"{path}: not a loadable Keras model ({reason})") from None
+    if len(model.inputs) != 1 or model.inputs[0].shape[-1] != 1 or model.outputs[0].shape[-1] != 1:
+        raise ModelError(f"{path}: expected a model with one single-channel input and output")
+    if settings is None:
+        try:
+            config = _infer_config(model)
+        except ModelError as error:
+            raise ModelError(f"{path}: {error}") from None
+        warnings.warn(f"{settings_path(path)} not found: using default settings (threshold 0.5)", stacklevel=2)
+        return model, default_settings(config)
+    problems = settings_errors(settings)
+    if problems:
+        raise ModelError(f"{settings_path(path)}: invalid settings: " + "; ".join(problems))
+    expected = build_unet(UNetConfig.from_dict(settings["unet"])).count_params()
+    if expected != model.count_params():
+        raise ModelError(
+            f"{settings_path(path)}: describes a U-Net with {expected} parameters, "
+            f"but {path.name} has {model.count_params()}"
+        )
+    return model, settings
+
+
+def make_predict_fn(model: tf.keras.Model):
+    """A fast NumPy-in, NumPy-out inference function for ``predict_tiled``.
+
+    One traced graph serves every tile shape (no retracing per image size).
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)], reduce_retracing=True)
+    def infer(batch):
+        return model(batch, training=False)
+
+    return lambda batch: infer(tf.convert_to_tensor(batch, tf.float32)).numpy()
