@@ -1,0 +1,617 @@
+"""Dataset layout, image I/O, normalisation, paired augmentation and tiling.
+
+Layout of a dataset root::
+
+    <root>/{train,valid,test}/images/NNNN.png   EM slices (PNG, TIFF or JPEG, 8/16-bit)
+    <root>/{train,valid,test}/labels/NNNN.png   masks, 0/1 or 0/255 (anything > 0 is foreground)
+
+Images and labels are paired by file stem, so ``images/0001.tif`` pairs with
+``labels/0001.png``.
+
+Arrays: a 2D image is ``(y, x)``; a batch is ``(n, y, x, 1)`` float32 in [0, 1];
+masks are ``(y, x)`` uint8 in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import imageio.v3 as iio  # noqa: E402
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+TIFF_SUFFIXES = (".tif", ".tiff")
+DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
+
+
+class MitoError(Exception):
+    """A problem the user can fix; the scripts print it on one line and exit with 2."""
+
+
+class DataError(MitoError):
+    """A dataset, image or output path that cannot be used; the message names the file."""
+
+
+# --- running the command-line scripts -----------------------------------------
+
+
+def run_cli(prog: str, run: Callable[[], int | None], debug: bool = False) -> int:
+    """Run a script body; user errors become one line on stderr and exit code 2."""
+    try:
+        return run() or 0
+    except MitoError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- files --------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Create ``path`` through ``write(temporary_path)``, then rename it into place.
+
+    The temporary file sits in the same folder (so the rename is atomic) and
+    keeps the final suffix, which Keras and the image writers need. Readers
+    never see a half-written file, and an interrupted write leaves the old file.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files (PNG/TIFF/JPEG, any case) in ``folder``, sorted by path."""
+    folder = Path(folder)
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(path for path in candidates if is_image_file(path))
+
+
+_warned_rgb = False
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one 2D grayscale image in its own dtype (uint8, uint16, float...).
+
+    RGB(A) images are converted to grayscale (luminance) with a one-time warning.
+    Raises DataError naming the file when it cannot be read or is not 2D.
+    """
+    global _warned_rgb
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            image = tifffile.imread(path)
+        else:
+            image = iio.imread(path, plugin="pillow")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except Exception as error:  # every reader raises its own types for bad files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (3, 4):
+        if not _warned_rgb:
+            warnings.warn(f"{path}: colour image converted to grayscale (and so are any others)", stacklevel=2)
+            _warned_rgb = True
+        luminance = image[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+        image = luminance.astype(image.dtype) if image.dtype.kind in "ui" else luminance.astype(np.float32)
+    if image.ndim == 3 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 2:
+        raise DataError(f"{path}: expected a 2D grayscale image, got an array of shape {image.shape}")
+    if image.size == 0:
+        raise DataError(f"{path}: the image is empty")
+    return image
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an image atomically: TIFF through tifffile, PNG/JPEG through imageio."""
+    path = Path(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        atomic_write(path, lambda temporary: tifffile.imwrite(temporary, image, compression="zlib"))
+    else:
+        atomic_write(path, lambda temporary: iio.imwrite(temporary, image))
+
+
+# --- normalisation ------------------------------------------------------------
+
+
+def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarray:
+    """Map an image of any dtype to float32 in [0, 1].
+
+    ``{"mode": "percentile", "low": 1, "high": 99.8}`` (the default) stretches
+    the image's own low..high percentiles to 0..1, which makes slices of
+    different brightness and bit depth look alike to the network.
+    ``{"mode": "range"}`` divides integer images by their dtype's maximum
+    (255, 65535) and leaves float images as they are. Both clip to [0, 1].
+    """
+    normalization = normalization or DEFAULT_NORMALIZATION
+    mode = normalization.get("mode")
+    image = np.asarray(image)
+    if mode == "percentile":
+        values = image.astype(np.float32)
+        low, high = np.percentile(values, [normalization.get("low", 1.0), normalization.get("high", 99.8)])
+        scale = high - low if high > low else 1.0
+        values = (values - low) / scale
+    elif mode == "range":
+        if image.dtype.kind in "ui":
+            values = image.astype(np.float32) / np.iinfo(image.dtype).max
+        else:
+            values = image.astype(np.float32)
+    else:
+        raise DataError(f"unknown normalisation mode {mode!r} (expected 'percentile' or 'range')")
+    return np.clip(values, 0.0, 1.0, out=values)
+
+
+def binarize_label(label: np.ndarray) -> np.ndarray:
+    """Foreground where the label is > 0 (labels may be 0/1 or 0/255), as uint8 0/1."""
+    return (np.asarray(label) > 0).astype(np.uint8)
+
+
+# --- dataset layout -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    image: Path
+    label: Path
+
+
+def find_pairs(root: str | os.PathLike, split: str) -> list[Pair]:
+    """Image/label pairs of one split, matched by file stem and sorted.
+
+    Raises DataError when a folder is missing or empty or a file has no partner.
+    """
+    split_dir = Path(root) / split
+    folders = {kind: split_dir / kind for kind in ("images", "labels")}
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    for folder in folders.values():
+        if not folder.is_dir():
+            raise DataError(f"{folder}: folder not found (expected <root>/{split}/images and <root>/{split}/labels)")
+    files = {kind: {path.stem: path for path in list_images(folder)} for kind, folder in folders.items()}
+    if not files["images"]:
+        raise DataError(f"{folders['images']}: no PNG, TIFF or JPEG images found")
+    for kind, other in (("images", "labels"), ("labels", "images")):
+        unpaired = sorted(set(files[kind]) - set(files[other]))
+        if unpaired:
+            example = files[kind][unpaired[0]]
+            more = f" (and {len(unpaired) - 1} more)" if len(unpaired) > 1 else ""
+            raise DataError(f"{example}: no matching file in {folders[other]}{more}")
+    return [Pair(files["images"][stem], files["labels"][stem]) for stem in sorted(files["images"])]
+
+
+def load_pair(pair: Pair, normalization: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pair: the normalised image (y, x) float32 and the mask (y, x) uint8 0/1."""
+    image = read_image(pair.image)
+    label = read_image(pair.label)
+    if image.shape != label.shape:
+        raise DataError(f"{pair.label}: label size {label.shape} differs from image size {image.shape} ({pair.image.name})")
+    return normalize(image, normalization), binarize_label(label)
+
+
+def load_split(
+    root: str | os.PathLike, split: str, normalization: dict | None = None
+) -> tuple[list[Pair], list[np.ndarray], list[np.ndarray]]:
+    """All pairs of a split, read and checked before any work starts."""
+    pairs = find_pairs(root, split)
+    loaded = [load_pair(pair, normalization) for pair in pairs]
+    return pairs, [image for image, _ in loaded], [mask for _, mask in loaded]
+
+
+# --- paired augmentation --------------------------------------------------------
+
+# Geometry for ImageDataGenerator (the same draw is applied to image and mask).
+GEOMETRIC_AUGMENTATION = dict(
+    rotation_range=90,
+    width_shift_range=0.05,
+    height_shift_range=0.05,
+    shear_range=10.0,
+    zoom_range=0.15,
+    horizontal_flip=True,
+    vertical_flip=True,
+    fill_mode="reflect",
+)
+# Intensity changes, applied to the image only.
+INTENSITY_AUGMENTATION = dict(brightness=0.1, contrast=0.2, gamma=1.3, noise=0.03)
+
+# get_random_transform seeds NumPy's global generator; serialise those calls so
+# that threaded data loading stays deterministic.
+_transform_lock = threading.Lock()
+
+
+def _image_data_generator(geometry: dict):
+    import tensorflow as tf  # only the augmenting code needs TensorFlow
+
+    return tf.keras.preprocessing.image.ImageDataGenerator(**geometry)
+
+
+def augment_pair(generator, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, intensity: dict | None):
+    """One random geometric transform applied to both arrays, intensity to the image only.
+
+    image: (y, x) float32 in [0, 1]; mask: (y, x) uint8 0/1. Returns the same
+    shapes and dtypes; the mask is re-binarised after interpolation.
+    """
+    with _transform_lock:
+        params = generator.get_random_transform(image.shape + (1,), seed=int(rng.integers(2**31)))
+    image = generator.apply_transform(image[..., None], params)[..., 0]
+    mask = generator.apply_transform(mask[..., None].astype(np.float32), params)[..., 0]
+    if intensity:
+        image = jitter_intensity(image, rng, **intensity)
+    return image.astype(np.float32), (mask > 0.5).astype(np.uint8)
+
+
+def jitter_intensity(image, rng, brightness=0.0, contrast=0.0, gamma=1.0, noise=0.0):
+    """Random brightness shift, contrast scaling, gamma and Gaussian noise; clipped to [0, 1]."""
+    image = np.clip(image, 0.0, 1.0) ** np.exp(rng.uniform(-np.log(gamma), np.log(gamma)))
+    mean = image.mean()
+    image = (image - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean + rng.uniform(-brightness, brightness)
+    if noise:
+        image = image + rng.normal(0.0, rng.uniform(0, noise), image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def _reflect_to_at_least(array: np.ndarray, size: int) -> np.ndarray:
+    pad = [(0, max(0, size - length)) for length in array.shape]
+    return np.pad(array, pad, mode="reflect") if any(after for _, after in pad) else array
+
+
+def random_tile(images, masks, tile_size: int, rng: np.random.Generator, context: int = 0):
+    """A random (tile + 2*context)-sized crop from a random image, picked by area."""
+    areas = np.array([image.size for image in images], dtype=np.float64)
+    index = rng.choice(len(images), p=areas / areas.sum())
+    size = tile_size + 2 * context
+    image = _reflect_to_at_least(images[index], size)
+    mask = _reflect_to_at_least(masks[index], size)
+    y = rng.integers(0, image.shape[0] - size + 1)
+    x = rng.integers(0, image.shape[1] - size + 1)
+    return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+def _py_dataset_base():
+    import tensorflow as tf
+
+    return tf.keras.utils.PyDataset
+
+
+class TileSequence(_py_dataset_base()):
+    """Random augmented training tiles, fed to ``model.fit`` as a Keras PyDataset.
+
+    Every batch is drawn from its own generator seeded by (seed, epoch, index),
+    so a run is reproducible whatever the loading order. Each sample is a
+    crop with extra context around the tile; the geometric transform is applied
+    to the crop and the centre is kept, so rotations rarely need filling.
+
+    Yields ``(x, y)``: x ``(batch, tile, tile, 1)`` float32 in [0, 1], y the
+    matching uint8 masks as float32 0/1.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        tile_size: int,
+        batch_size: int,
+        steps_per_epoch: int,
+        augment: bool = True,
+        seed: int = 0,
+        geometry: dict | None = None,
+        intensity: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.images, self.masks = list(images), list(masks)
+        self.tile_size, self.batch_size, self.steps_per_epoch = tile_size, batch_size, steps_per_epoch
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.generator = _image_data_generator(geometry or GEOMETRIC_AUGMENTATION) if augment else None
+        self.intensity = INTENSITY_AUGMENTATION if intensity is None else intensity
+        # Enough context that a rotated, zoomed-out tile is still inside the crop.
+        self.context = int(math.ceil(tile_size * 0.35)) if augment else 0
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        x = np.empty((self.batch_size, self.tile_size, self.tile_size, 1), np.float32)
+        y = np.empty_like(x)
+        for sample in range(self.batch_size):
+            image, mask = random_tile(self.images, self.masks, self.tile_size, rng, self.context)
+            if self.augment:
+                image, mask = augment_pair(self.generator, image, mask, rng, self.intensity)
+                c = self.context
+                image, mask = image[c:-c, c:-c], mask[c:-c, c:-c]
+            x[sample, ..., 0], y[sample, ..., 0] = image, mask
+        return x, y
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+def grid_tiles(images, masks, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut every image into non-overlapping tiles (reflect-padded at the edges).
+
+    Deterministic validation data: returns x ``(n, tile, tile, 1)`` float32 and
+    y of the same shape (0/1 float32), covering every pixel exactly once.
+    """
+    xs, ys = [], []
+    for image, mask in zip(images, masks):
+        rows, cols = (math.ceil(length / tile_size) for length in image.shape)
+        pad = [(0, rows * tile_size - image.shape[0]), (0, cols * tile_size - image.shape[1])]
+        image, mask = np.pad(image, pad, mode="reflect"), np.pad(mask, pad, mode="reflect")
+        for row in range(rows):
+            for col in range(cols):
+                window = np.s_[row * tile_size : (row + 1) * tile_size, col * tile_size : (col + 1) * tile_size]
+                xs.append(image[window])
+                ys.append(mask[window])
+    return np.stack(xs)[..., None].astype(np.float32), np.stack(ys)[..., None].astype(np.float32)
+
+
+# --- tiled prediction -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One tile: ``read`` in the padded image, ``keep`` inside the tile's output,
+    ``write`` in the output image. All are (y-slice, x-slice)."""
+
+    read: tuple[slice, slice]
+    keep: tuple[slice, slice]
+    write: tuple[slice, slice]
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    pad: tuple[tuple[int, int], tuple[int, int]]  # reflect padding of the image, per axis
+    tile_shape: tuple[int, int]  # every tile has this shape
+    tiles: tuple[Tile, ...]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _axis_layout(length: int, tile_size: int, margin: int, align: int):
+    """Split one axis into ``n`` equal aligned cores, each read with ``margin`` around it."""
+    max_core = tile_size - 2 * margin
+    count = math.ceil(length / max_core)
+    core = _round_up(math.ceil(length / count), align)
+    spans = [(index * core, min(length, (index + 1) * core)) for index in range(count)]
+    padded = count * core + 2 * margin
+    return core + 2 * margin, spans, (margin, padded - length - margin)
+
+
+def tile_layout(shape: tuple[int, int], tile_size: int, overlap: int, align: int = 1) -> TileLayout:
+    """The geometry of a tiled prediction, computed once for cropping and merging.
+
+    The image is reflect-padded by ``overlap // 2`` (rounded up to ``align``)
+    on every side, then split into tiles of equal shape at most ``tile_size``
+    whose kept centres partition the image. Tile origins and sizes are
+    multiples of ``align`` (``2**depth`` for a U-Net), so every tile sees the
+    pooling grid of the whole image: with a margin at least the network's
+    receptive-field reach, the result equals whole-image prediction.
+    Images smaller than a tile get one smaller tile.
+    """
+    if tile_size < 1 or overlap < 0 or align < 1:
+        raise DataError(f"invalid tiling: tile_size={tile_size}, overlap={overlap}, align={align}")
+    margin = _round_up(math.ceil(overlap / 2), align)
+    tile_size = tile_size // align * align
+    if tile_size - 2 * margin < align:
+        raise DataError(
+            f"tile size {tile_size} is too small for overlap {2 * margin}: "
+            f"use a tile size of at least {2 * margin + align}"
+        )
+    axes = [_axis_layout(length, tile_size, margin, align) for length in shape]
+    (tile_y, spans_y, pad_y), (tile_x, spans_x, pad_x) = axes
+    tiles = []
+    for y0, y1 in spans_y:
+        for x0, x1 in spans_x:
+            tiles.append(
+                Tile(
+                    read=(slice(y0, y0 + tile_y), slice(x0, x0 + tile_x)),
+                    keep=(slice(margin, margin + y1 - y0), slice(margin, margin + x1 - x0)),
+                    write=(slice(y0, y1), slice(x0, x1)),
+                )
+            )
+    return TileLayout(pad=(pad_y, pad_x), tile_shape=(tile_y, tile_x), tiles=tuple(tiles))
+
+
+def predict_tiled(
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    tile_size: int = 1024,
+    overlap: int = 0,
+    align: int = 1,
+    batch_size: int = 1,
+) -> np.ndarray:
+    """Apply ``predict_fn`` to an image of any size in overlapping tiles and stitch.
+
+    image: (y, x) float32. predict_fn maps a batch (n, ty, tx, 1) float32 to
+    (n, ty, tx, 1) or (n, ty, tx). Returns (y, x) float32. Each output pixel
+    comes from exactly one tile, taken at least ``overlap // 2`` pixels away
+    from that tile's border, so there are no seams (see ``tile_layout``).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"predict_tiled expects a 2D image, got shape {image.shape}")
+    layout = tile_layout(image.shape, tile_size, overlap, align)
+    padded = np.pad(image, layout.pad, mode="reflect")
+    output = np.empty(image.shape, np.float32)
+    tiles = list(layout.tiles)
+    for start in range(0, len(tiles), batch_size):
+        batch_tiles = tiles[start : start + batch_size]
+        batch = np.stack([padded[tile.read] for tile in batch_tiles])[..., None]
+        result = np.asarray(predict_fn(batch), dtype=np.float32)
+        if result.ndim == 4:
+            result = result[..., 0]
+        if result.shape != batch.shape[:3]:
+            raise ValueError(f"predict_fn returned shape {result.shape} for a batch of shape {batch.shape}")
+        for tile, tile_result in zip(batch_tiles, result):
+            output[tile.write] = tile_result[tile.keep]
+    return output
+
+
+def predict_whole(predict_fn, image: np.ndarray, margin: int, align: int = 1) -> np.ndarray:
+    """Predict an image in one piece, padded like ``predict_tiled`` pads it."""
+    pad = [(margin, _round_up(length + 2 * margin, align) - length - margin) for length in image.shape]
+    padded = np.pad(np.asarray(image, np.float32), pad, mode="reflect")
+    result = np.asarray(predict_fn(padded[None, ..., None]), np.float32).reshape(padded.shape)
+    return result[margin : margin + image.shape[0], margin : margin + image.shape[1]]
+
+
+# --- the built-in synthetic demo --------------------------------------------------
+
+DEMO_ROOT = Path("dataset/demo")
+DEMO_SPLITS = {"train": 8, "valid": 2, "test": 2}
+DEMO_SHAPE = (512, 512)
+DEMO_UNLABELED_SHAPES = ((389, 611), (200, 150))
+
+
+def _smooth_noise(rng, shape, sigma):
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return noise / (noise.std() + 1e-8)
+
+
+def synthetic_em_slice(rng: np.random.Generator, shape=DEMO_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """One EM-like slice and its mitochondria mask: (y, x) uint8 image, uint8 0/1 mask.
+
+    Cells with wavy dark membranes and granular cytoplasm; mitochondria are
+    dark elongated ellipses with a darker double membrane and light cristae
+    stripes across them. Distractors a model must learn to ignore: dark round
+    vesicles without cristae and thick dark myelin-like rings.
+    """
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+    from skimage.segmentation import find_boundaries
+
+    height, width = shape
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    # Cells: a Voronoi tessellation of warped coordinates gives wavy membranes.
+    n_cells = max(2, int(height * width / 70**2))
+    seeds = rng.uniform([0, 0], [height, width], size=(n_cells, 2))
+    warp_y = 6 * _smooth_noise(rng, shape, 12)
+    warp_x = 6 * _smooth_noise(rng, shape, 12)
+    points = np.stack([(yy + warp_y).ravel(), (xx + warp_x).ravel()], axis=1)
+    cells = cKDTree(seeds).query(points)[1].reshape(shape)
+    membranes = find_boundaries(cells, mode="thick")
+
+    image = 0.68 + 0.05 * _smooth_noise(rng, shape, 30)
+    image += rng.normal(0, 0.05, n_cells)[cells]  # per-cell brightness
+    image += 0.05 * _smooth_noise(rng, shape, 1.0)  # granular cytoplasm
+    mask = np.zeros(shape, bool)
+    inside = ndimage.distance_transform_edt(~membranes)
+    roomy = np.argwhere(inside > 8)
+
+    def window(cy, cx, radius):
+        """Slices of a square around (cy, cx), clipped to the image."""
+        radius = int(math.ceil(radius))
+        return np.s_[max(0, int(cy) - radius) : int(cy) + radius + 1, max(0, int(cx) - radius) : int(cx) + radius + 1]
+
+    for _ in range(int(n_cells * 1.6)):  # mitochondria, not touching each other
+        a, b, angle = rng.uniform(12, 30), rng.uniform(5, 10), rng.uniform(0, np.pi)
+        cy, cx = roomy[rng.integers(len(roomy))]
+        if inside[cy, cx] <= b + 3:
+            continue
+        box = window(cy, cx, a + 3)
+        y, x = yy[box] - cy, xx[box] - cx
+        u = y * np.sin(angle) + x * np.cos(angle)  # along the major axis
+        v = y * np.cos(angle) - x * np.sin(angle)
+        r = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        body = (r <= 1.0) & (cells[box] == cells[cy, cx]) & (inside[box] > 2)
+        if body.sum() < 40 or (ndimage.binary_dilation(body, iterations=3) & mask[box]).any():
+            continue
+        cristae = 0.5 + 0.5 * np.sin(2 * np.pi * u / rng.uniform(5, 8) + rng.uniform(0, 2 * np.pi))
+        shade = 0.32 + 0.14 * cristae + 0.03 * rng.standard_normal()
+        image[box][body] = shade[body]
+        image[box][body & (r > 0.8)] = 0.2  # the darker double membrane
+        mask[box] |= body
+    for _ in range(int(n_cells * 1.2)):  # dark round vesicles: not mitochondria
+        radius = rng.uniform(3, 7)
+        cy, cx = rng.uniform([0, 0], [height, width])
+        box = window(cy, cx, radius)
+        blob = (yy[box] - cy) ** 2 + (xx[box] - cx) ** 2 <= radius**2
+        image[box][blob & ~mask[box]] = 0.3
+    for _ in range(max(1, n_cells // 8)):  # thick myelin-like rings: not mitochondria
+        radius, thickness = rng.uniform(18, 35), rng.uniform(4, 7)
+        cy, cx = rng.uniform([0, 0], [height, width])
+        box = window(cy, cx, radius + thickness)
+        distance = np.sqrt((yy[box] - cy) ** 2 + (xx[box] - cx) ** 2)
+        ring = np.abs(distance - radius) <= thickness / 2
+        image[box][ring & ~mask[box]] = 0.22
+    image[membranes & ~mask] = 0.3
+    image = ndimage.gaussian_filter(image, 0.8) + rng.normal(0, 0.035, shape)
+    image = np.clip(image * 255, 0, 255).astype(np.uint8)
+    return image, mask.astype(np.uint8)
+
+
+def make_demo_dataset(root: str | os.PathLike = DEMO_ROOT, seed: int = 2015, shape=DEMO_SHAPE, splits=None) -> Path:
+    """Write the deterministic synthetic demo dataset in our layout (labels 0/255).
+
+    Also writes ``unlabeled/`` with odd-sized slices for the prediction demo.
+    Files are written atomically; existing files are left alone.
+    """
+    root = Path(root)
+    splits = splits or DEMO_SPLITS
+    index = 0
+    for split, count in splits.items():
+        for kind in ("images", "labels"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for _ in range(count):
+            image_path = root / split / "images" / f"{index:04d}.png"
+            label_path = root / split / "labels" / f"{index:04d}.png"
+            if not (image_path.exists() and label_path.exists()):
+                image, mask = synthetic_em_slice(np.random.default_rng([seed, index]), shape)
+                write_image(label_path, mask * 255)
+                write_image(image_path, image)
+            index += 1
+    (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+    for unlabeled_shape in DEMO_UNLABELED_SHAPES:
+        path = root / "unlabeled" / f"{index:04d}.png"
+        if not path.exists():
+            write_image(path, synthetic_em_slice(np.random.default_rng([seed, index]), unlabeled_shape)[0])
+        index += 1
+    return root
+
+
+def demo_is_complete(root: str | os.PathLike = DEMO_ROOT) -> bool:
+    root = Path(root)
+    expected = sum(DEMO_SPLITS.values())
+    found = sum(len(list_images(root / split / "images")) for split in DEMO_SPLITS if (root / split / "images").is_dir())
+    return found == expected and (root / "unlabeled").is_dir()
+
+
+def iter_batches(items: Iterable, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
