@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Score a trained model on <dataset>/test: Rand index, adapted Rand error, IoU, Dice, precision, recall.
+
+Prints a table (per image and mean) and writes scores.csv (per image) and
+summary.json to --output.
+
+Examples:
+  python test_mito.py --demo
+  python test_mito.py --dataset dataset/SNEMI3D_mito --model models/unet_mito.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROG = "test_mito.py"
+DEFAULTS = {"dataset": "dataset/SNEMI3D_mito", "model": "models/unet_mito.h5"}
+DEMO = {"dataset": "dataset/demo", "model": "models/demo_unet.h5"}
+
+
+def add_inference_options(group) -> None:
+    """Options shared with prediction_mito.py: None means 'the model's JSON value'."""
+    group.add_argument("--tile-size", type=int, help="tile side for prediction (default: the model's, 1024)")
+    group.add_argument("--overlap", type=int,
+                       help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
+    group.add_argument("--threshold", type=float,
+                       help="probability threshold (default: the model's, tuned on the validation split)")
+    group.add_argument("--batch-size", type=int, default=1, help="tiles per prediction batch (default: 1)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="score the demo model on the demo data")
+    parser.add_argument("--dataset", help=f"dataset root with test/images and test/labels (default: {DEFAULTS['dataset']}; demo: {DEMO['dataset']})")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULTS['model']}; demo: {DEMO['model']})")
+    parser.add_argument("--output", help="folder for scores.csv and summary.json (default: results/<model name>)")
+    add_inference_options(parser.add_argument_group("prediction"))
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = parser.parse_args(argv)
+    for key, value in (DEMO if args.demo else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.output is None:
+        args.output = str(Path("results") / Path(args.model).stem)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from data import run_cli
+
+    return run_cli(PROG, lambda: evaluate(args), debug=args.debug)
+
+
+def inference_setup(args, settings: dict):
+    """Resolve tile size, overlap and threshold: explicit options, else the model's settings."""
+    from data import DataError
+
+    tile_size = args.tile_size if args.tile_size is not None else settings["tile_size"]
+    overlap = args.overlap if args.overlap is not None else settings["overlap"]
+    threshold = args.threshold if args.threshold is not None else settings["threshold"]
+    if tile_size < 1 or overlap < 0 or args.batch_size < 1:
+        raise DataError(f"invalid options: --tile-size {tile_size}, --overlap {overlap}, --batch-size {args.batch_size}")
+    if overlap >= tile_size:
+        raise DataError(f"--overlap {overlap} must be smaller than --tile-size {tile_size}")
+    if not 0 < threshold < 1:
+        raise DataError(f"--threshold {threshold} must be between 0 and 1")
+    return tile_size, overlap, threshold
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
+    import numpy as np
+    from tqdm import tqdm
+
+    import data
+    import unet
+    from metrics import SCORE_NAMES, mean_scores, segmentation_scores
+
+    model, settings = unet.load_model(args.model)
+    tile_size, overlap, threshold = inference_setup(args, settings)
+    align = unet.UNetConfig.from_dict(settings["unet"]).alignment
+    pairs, images, masks = data.load_split(args.dataset, args.split, settings["normalization"])
+    output = Path(args.output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise data.DataError(f"{output}: cannot create the output folder ({error.strerror})") from None
+    print(f"Model {args.model}: threshold {threshold:.2f}, tiles {tile_size}px with overlap {overlap}px")
+    print(f"Scoring {len(pairs)} images of {Path(args.dataset) / args.split}")
+
+    predict_fn = unet.make_predict_fn(model)
+    rows, started = [], time.time()
+    for pair, image, mask in tqdm(list(zip(pairs, images, masks)), desc="test", unit="image", file=sys.stderr):
+        probability = data.predict_tiled(predict_fn, image, tile_size, overlap, align, args.batch_size)
+        rows.append({"image": pair.image.name, **segmentation_scores(probability >= threshold, mask)})
+    seconds = time.time() - started
+    mean = mean_scores(rows)
+
+    header = f"{'image':<16}" + "".join(f"{name:>20}" for name in SCORE_NAMES)
+    print(header)
+    for row in rows + [{"image": "mean", **mean}]:
+        print(f"{row['image']:<16}" + "".join(f"{row[name]:>20.4f}" for name in SCORE_NAMES))
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["image", *SCORE_NAMES])
+    writer.writeheader()
+    writer.writerows({key: (f"{value:.6f}" if key != "image" else value) for key, value in row.items()} for row in rows)
+    data.atomic_write(output / "scores.csv", lambda temporary: temporary.write_text(table.getvalue()))
+    summary = {
+        "model": str(Path(args.model).resolve()),
+        "dataset": str(Path(args.dataset).resolve()),
+        "split": args.split,
+        "images": len(rows),
+        "threshold": threshold,
+        "tile_size": tile_size,
+        "overlap": overlap,
+        "mean": {name: round(value, 6) for name, value in mean.items()},
+        "seconds_per_image": round(seconds / len(rows), 3),
+        "pixels_scored": int(sum(mask.size for mask in masks)),
+        "foreground_fraction": round(float(np.mean([mask.mean() for mask in masks])), 4),
+    }
+    unet.write_json(output / "summary.json", summary)
+    print(f"Wrote {output / 'scores.csv'} and {output / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
