@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic dataset and a tiny trained model (session-wide)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED_SAMPLE = REPO.parent / "shared" / "datasets" / "em_mito_sample"
+
+# Options that make training take seconds on a CPU.
+TINY_TRAINING = [
+    "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--tile-size", "64",
+    "--filters", "4", "--depth", "2", "--workers", "1",
+]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """Synthetic EM slices in our layout: 2 train, 1 valid, 1 test (160 x 200), plus unlabeled/."""
+    import data
+
+    root = tmp_path_factory.mktemp("small") / "dataset"
+    return data.make_demo_dataset(root, seed=7, shape=(160, 200), splits={"train": 2, "valid": 1, "test": 1})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, small_dataset):
+    """A model trained for two steps on ``small_dataset`` by training_mito.main."""
+    import training_mito
+
+    path = tmp_path_factory.mktemp("models") / "tiny.h5"
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *TINY_TRAINING]) == 0
+    return path

@@ -1,0 +1,81 @@
+"""Paired augmentation keeps image and mask aligned; training tiles are reproducible."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import data
+
+
+def smooth_image(seed, shape=(96, 96)):
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).standard_normal(shape), 4)
+    return ((field - field.min()) / (field.max() - field.min())).astype(np.float32)
+
+
+def agreement(image, mask):
+    """Fraction of pixels where the mask still equals 'image > 0.5'."""
+    return float(np.mean((image > 0.5) == (mask > 0)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_and_mask_get_the_same_transform(seed):
+    image = smooth_image(seed)
+    mask = (image > 0.5).astype(np.uint8)  # the mask is derived from the image...
+    generator = data._image_data_generator(data.GEOMETRIC_AUGMENTATION)
+    rng = np.random.default_rng(seed)
+    out_image, out_mask = data.augment_pair(generator, image, mask, rng, intensity=None)
+    assert out_image.shape == image.shape and out_image.dtype == np.float32
+    assert out_mask.dtype == np.uint8 and set(np.unique(out_mask)) <= {0, 1}
+    assert not np.array_equal(out_image, image)  # something happened
+    # ...and stays derived from it, up to interpolation at the edges of the mask.
+    assert agreement(out_image, out_mask) > 0.98
+
+
+def test_the_alignment_check_detects_desynchronised_transforms():
+    image = smooth_image(11)
+    mask = (image > 0.5).astype(np.uint8)
+    generator = data._image_data_generator(data.GEOMETRIC_AUGMENTATION)
+    scores = []
+    for seed in range(5):
+        out_image, _ = data.augment_pair(generator, image, mask, np.random.default_rng(seed), None)
+        _, other_mask = data.augment_pair(generator, image, mask, np.random.default_rng(seed + 100), None)
+        scores.append(agreement(out_image, other_mask))
+    assert min(scores) < 0.9
+
+
+def test_intensity_changes_touch_the_image_only():
+    image = smooth_image(5)
+    mask = (image > 0.5).astype(np.uint8)
+    no_geometry = data._image_data_generator({})
+    rng = np.random.default_rng(0)
+    out_image, out_mask = data.augment_pair(no_geometry, image, mask, rng, data.INTENSITY_AUGMENTATION)
+    np.testing.assert_array_equal(out_mask, mask)
+    assert np.abs(out_image - image).mean() > 0.01
+    assert out_image.min() >= 0 and out_image.max() <= 1
+
+
+def tiles(augment, epoch=0, seed=1):
+    rng = np.random.default_rng(0)
+    images = [rng.random((150, 130), dtype=np.float32), rng.random((60, 50), dtype=np.float32)]
+    masks = [(image > 0.7).astype(np.uint8) for image in images]
+    sequence = data.TileSequence(images, masks, tile_size=64, batch_size=3, steps_per_epoch=4, augment=augment, seed=seed)
+    sequence.epoch = epoch
+    return sequence
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_training_batches_have_the_promised_shapes_and_are_reproducible(augment):
+    x, y = tiles(augment)[2]
+    assert x.shape == y.shape == (3, 64, 64, 1)
+    assert x.dtype == y.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 1 and set(np.unique(y)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(x, tiles(augment)[2][0])
+    assert not np.array_equal(x, tiles(augment, epoch=1)[2][0])
+    assert not np.array_equal(x, tiles(augment, seed=2)[2][0])
+    assert len(tiles(augment)) == 4
+
+
+def test_plain_tiles_are_exact_crops_with_their_masks():
+    x, y = tiles(augment=False)[0]
+    # Without augmentation the mask is exactly the thresholded image (image > 0.7).
+    np.testing.assert_array_equal(y > 0, x > 0.7)

@@ -1,0 +1,157 @@
+"""Dataset layout, image reading, normalisation and labels."""
+
+import warnings
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+import data
+from data import DataError
+
+
+def write_pair(root, split, stem, image, label, image_suffix=".png"):
+    for kind in ("images", "labels"):
+        (root / split / kind).mkdir(parents=True, exist_ok=True)
+    path = root / split / "images" / f"{stem}{image_suffix}"
+    if image_suffix in (".tif", ".tiff"):
+        tifffile.imwrite(path, image)
+    else:
+        iio.imwrite(path, image)
+    iio.imwrite(root / split / "labels" / f"{stem}.png", label)
+
+
+def test_pairs_are_matched_by_stem_across_formats(tmp_path):
+    image = np.full((20, 30), 100, np.uint8)
+    label = np.zeros((20, 30), np.uint8)
+    write_pair(tmp_path, "train", "0002", image, label, ".tif")
+    write_pair(tmp_path, "train", "0001", image, label)
+    pairs = data.find_pairs(tmp_path, "train")
+    assert [(p.image.name, p.label.name) for p in pairs] == [("0001.png", "0001.png"), ("0002.tif", "0002.png")]
+
+
+def test_missing_partner_is_named(tmp_path):
+    write_pair(tmp_path, "train", "0001", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    iio.imwrite(tmp_path / "train" / "images" / "0002.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"0002.png: no matching file in .*labels"):
+        data.find_pairs(tmp_path, "train")
+
+
+@pytest.mark.parametrize("missing", ["root", "split", "labels"])
+def test_missing_folders_are_named(tmp_path, missing):
+    write_pair(tmp_path, "train", "0001", np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8))
+    root = tmp_path / "nowhere" if missing == "root" else tmp_path
+    split = "valid" if missing == "split" else "train"
+    if missing == "labels":
+        for file in (tmp_path / "train" / "labels").iterdir():
+            file.unlink()
+        (tmp_path / "train" / "labels").rmdir()
+    with pytest.raises(DataError, match="not found"):
+        data.find_pairs(root, split)
+
+
+def test_empty_images_folder_is_reported(tmp_path):
+    for kind in ("images", "labels"):
+        (tmp_path / "test" / kind).mkdir(parents=True)
+    with pytest.raises(DataError, match="no PNG, TIFF or JPEG images"):
+        data.find_pairs(tmp_path, "test")
+
+
+def test_size_mismatch_is_reported(tmp_path):
+    write_pair(tmp_path, "valid", "0001", np.zeros((8, 8), np.uint8), np.zeros((8, 9), np.uint8))
+    with pytest.raises(DataError, match=r"0001.png: label size \(8, 9\) differs from image size \(8, 8\)"):
+        data.load_split(tmp_path, "valid")
+
+
+@pytest.mark.parametrize(
+    "suffix, array",
+    [
+        (".png", np.arange(256, dtype=np.uint8).reshape(16, 16)),
+        (".png", (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)),
+        (".tif", (np.arange(256, dtype=np.uint16) * 100).reshape(16, 16)),
+        (".tiff", np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)),
+    ],
+    ids=["png8", "png16", "tif16", "tif-float"],
+)
+def test_images_are_read_losslessly_in_their_own_dtype(tmp_path, suffix, array):
+    path = tmp_path / f"image{suffix}"
+    data.write_image(path, array)
+    loaded = data.read_image(path)
+    assert loaded.dtype == array.dtype
+    np.testing.assert_array_equal(loaded, array)
+
+
+def test_jpeg_and_colour_images_become_2d_grayscale(tmp_path):
+    gray = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))
+    iio.imwrite(tmp_path / "slice.jpg", gray)
+    assert data.read_image(tmp_path / "slice.jpg").shape == (32, 32)
+    iio.imwrite(tmp_path / "rgb.png", np.stack([gray] * 3, axis=-1))
+    data._warned_rgb = False
+    with pytest.warns(UserWarning, match="grayscale"):
+        converted = data.read_image(tmp_path / "rgb.png")
+    assert converted.shape == (32, 32) and converted.dtype == np.uint8
+    assert np.abs(converted.astype(int) - gray).max() <= 1
+
+
+def test_unreadable_files_are_named(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="broken.png: not a readable image"):
+        data.read_image(broken)
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"stack.tif: expected a 2D grayscale image"):
+        data.read_image(stack)
+
+
+def test_normalisation_maps_any_dtype_to_unit_range():
+    ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ranged = data.normalize(ramp8, {"mode": "range"})
+    assert ranged.dtype == np.float32 and ranged.min() == 0 and ranged.max() == 1
+    np.testing.assert_allclose(data.normalize(ramp8.astype(np.uint16) * 4, {"mode": "range"}).max(), 1020 / 65535)
+    # Percentile: a dim 12-bit image and a bright 8-bit one look alike after it.
+    dim = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 16)
+    np.testing.assert_allclose(data.normalize(dim), data.normalize(ramp8), atol=1e-6)
+    stretched = data.normalize(ramp8)
+    assert stretched.min() == 0 and stretched.max() == 1
+    assert data.normalize(np.full((4, 4), 7, np.uint8)).max() <= 1  # flat images do not divide by zero
+    with pytest.raises(DataError, match="unknown normalisation"):
+        data.normalize(ramp8, {"mode": "zscore"})
+
+
+@pytest.mark.parametrize("foreground", [1, 255])
+def test_labels_are_binarised_above_zero(foreground):
+    label = np.array([[0, foreground], [foreground, 0]], np.uint8)
+    np.testing.assert_array_equal(data.binarize_label(label), [[0, 1], [1, 0]])
+
+
+def test_outputs_are_written_atomically(tmp_path):
+    target = tmp_path / "mask.png"
+    target.write_bytes(b"old")
+
+    def failing_writer(temporary):
+        temporary.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        data.atomic_write(target, failing_writer)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
+
+
+def test_demo_dataset_is_deterministic_and_in_our_layout(tmp_path):
+    splits = {"train": 1, "valid": 1, "test": 1}
+    first = data.make_demo_dataset(tmp_path / "a", shape=(96, 128), splits=splits)
+    second = data.make_demo_dataset(tmp_path / "b", shape=(96, 128), splits=splits)
+    for split in splits:
+        pairs = data.find_pairs(first, split)
+        image, mask = data.load_pair(pairs[0])
+        assert image.shape == (96, 128) and 0 < mask.mean() < 0.5
+        assert set(np.unique(iio.imread(pairs[0].label))) <= {0, 255}
+        again = data.find_pairs(second, split)[0]
+        np.testing.assert_array_equal(iio.imread(pairs[0].image), iio.imread(again.image))
+    assert len(data.list_images(first / "unlabeled")) == len(data.DEMO_UNLABELED_SHAPES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.make_demo_dataset(first, shape=(96, 128), splits=splits)  # existing files are kept

@@ -1,0 +1,168 @@
+"""The three scripts, called through main(argv) and as subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import REPO, TINY_TRAINING
+
+import prediction_mito
+import test_mito
+import unet
+from metrics import SCORE_NAMES
+
+SCRIPTS = ["training_mito.py", "test_mito.py", "prediction_mito.py"]
+
+
+def run_script(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_importing_tensorflow(script):
+    result = run_script("-X", "importtime", str(REPO / script), "--help")
+    assert result.returncode == 0
+    assert "usage:" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "tensorflow" not in imported and "numpy" not in imported
+
+
+def test_training_writes_a_loadable_model_with_its_settings(tiny_model):
+    model, settings = unet.load_model(tiny_model)
+    assert model.count_params() == unet.build_unet(unet.UNetConfig.from_dict(settings["unet"])).count_params()
+    assert settings["unet"]["depth"] == 2 and settings["unet"]["base_filters"] == 4
+    assert settings["train_tile_size"] == 64
+    assert settings["overlap"] == unet.default_overlap(unet.UNetConfig.from_dict(settings["unet"]))
+    assert 0 < settings["threshold"] < 1 and settings["threshold_tuned_on"].startswith("valid")
+    assert set(settings["history"]) >= {"loss", "val_loss", "iou", "val_iou"}
+    assert settings["training"]["replicas"] >= 1 and settings["training"]["global_batch_size"] >= 2
+    assert settings["normalization"]["mode"] == "percentile"
+    for sibling in (tiny_model.with_suffix(".csv"), tiny_model.with_name("tiny_curves.png")):
+        assert sibling.stat().st_size > 0
+    assert not [p for p in tiny_model.parent.iterdir() if "partial" in p.name]
+
+
+def test_training_refuses_to_replace_a_model_without_overwrite(tiny_model, small_dataset, capsys):
+    import training_mito
+
+    before = tiny_model.read_bytes()
+    code = training_mito.main(["--dataset", str(small_dataset), "--model", str(tiny_model), *TINY_TRAINING])
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert tiny_model.read_bytes() == before
+
+
+def test_test_script_scores_every_image(tiny_model, small_dataset, tmp_path, capsys):
+    output = tmp_path / "scores"
+    assert test_mito.main(["--model", str(tiny_model), "--dataset", str(small_dataset), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "rand_index" in printed and "mean" in printed
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["images"] == 1 and set(summary["mean"]) == set(SCORE_NAMES)
+    assert all(0 <= value <= 1 for value in summary["mean"].values())
+    rows = (output / "scores.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["image", *SCORE_NAMES] and len(rows) == 2
+
+
+def test_prediction_writes_one_mask_per_image_of_any_size(tiny_model, small_dataset, tmp_path):
+    source = tmp_path / "slices"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    shapes = {"odd.png": (37, 203), "tiny.tif": (9, 9), "wide.jpg": (64, 301)}
+    for name, shape in shapes.items():
+        iio.imwrite(source / name, (rng.random(shape) * 255).astype(np.uint8)) if not name.endswith(".tif") \
+            else tifffile.imwrite(source / name, (rng.random(shape) * 4095).astype(np.uint16))
+    output = tmp_path / "masks"
+    argv = ["--input", str(source), "--model", str(tiny_model), "--output", str(output), "--save-prob"]
+    assert prediction_mito.main(argv) == 0
+    for name, shape in shapes.items():
+        stem = name.split(".")[0]
+        mask = iio.imread(output / f"{stem}.png")
+        assert mask.shape == shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        probability = tifffile.imread(output / f"{stem}_prob.tif")
+        assert probability.shape == shape and probability.dtype == np.float32
+        assert 0 <= probability.min() and probability.max() <= 1
+    assert sorted(p.name for p in source.iterdir()) == sorted(shapes)  # input folder untouched
+
+
+def test_prediction_keeps_existing_outputs_unless_overwrite(tiny_model, small_dataset, tmp_path, capsys):
+    source = small_dataset / "unlabeled"
+    output = tmp_path / "masks"
+    argv = ["--input", str(source), "--model", str(tiny_model), "--output", str(output)]
+    assert prediction_mito.main(argv) == 0
+    first = sorted(output.iterdir())
+    assert len(first) == len(list(source.iterdir()))
+    for path in first:
+        path.write_bytes(b"user's own file")
+    assert prediction_mito.main(argv) == 0
+    assert "kept 2 existing" in capsys.readouterr().out
+    assert all(path.read_bytes() == b"user's own file" for path in first)
+    assert prediction_mito.main(argv + ["--overwrite"]) == 0
+    assert all(iio.imread(path).ndim == 2 for path in first)
+
+
+def test_prediction_never_writes_into_its_input_folder(tiny_model, small_dataset, capsys):
+    source = small_dataset / "unlabeled"
+    before = sorted(source.iterdir())
+    assert prediction_mito.main(["--input", str(source), "--model", str(tiny_model), "--output", str(source)]) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert sorted(source.iterdir()) == before
+
+
+def test_prediction_reports_unreadable_files_and_goes_on(tiny_model, tmp_path, capsys):
+    source = tmp_path / "slices"
+    source.mkdir()
+    iio.imwrite(source / "good.png", np.full((40, 40), 128, np.uint8))
+    (source / "bad.png").write_bytes(b"not an image")
+    output = tmp_path / "masks"
+    assert prediction_mito.main(["--input", str(source), "--model", str(tiny_model), "--output", str(output)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+    assert [p.name for p in output.iterdir()] == ["good.png"]
+
+
+def test_scripts_run_as_subprocesses(tiny_model, small_dataset, tmp_path):
+    scored = run_script("test_mito.py", "--model", str(tiny_model), "--dataset", str(small_dataset),
+                        "--output", str(tmp_path / "scores"))
+    assert scored.returncode == 0, scored.stderr
+    assert (tmp_path / "scores" / "summary.json").exists()
+    predicted = run_script("prediction_mito.py", "--input", str(small_dataset / "unlabeled"),
+                           "--model", str(tiny_model), "--output", str(tmp_path / "masks"))
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["test_mito.py", "--model", "missing.h5"], "missing.h5: model file not found"),
+        (["prediction_mito.py", "--input", "no_such_folder"], "no_such_folder: input folder not found"),
+        (["training_mito.py", "--dataset", "no_such_dataset"], "no_such_dataset: dataset folder not found"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(argv, message, tmp_path):
+    result = run_script(str(REPO / argv[0]), *argv[1:], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines and message in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_demo_training_generates_data_trains_and_scores(tmp_path, monkeypatch, capsys):
+    import training_mito
+
+    monkeypatch.chdir(tmp_path)  # the demo writes results/ in the working directory
+    root, model = tmp_path / "demo", tmp_path / "demo.h5"
+    argv = ["--demo", "--dataset", str(root), "--model", str(model), "--epochs", "1", "--steps-per-epoch", "2"]
+    assert training_mito.main(argv) == 0
+    assert len(list((root / "train" / "images").iterdir())) == 8 and (root / "unlabeled").is_dir()
+    _, settings = unet.load_model(model)
+    assert settings["unet"]["base_filters"] == training_mito.PRESETS["demo"]["filters"]
+    assert "Scoring the demo model" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
+    assert summary["images"] == 2
