@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--demo", action="store_true", help=f"predict {DEMO['input']} with the demo model")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULT_MODEL}; demo: {DEMO['model']})")
     parser.add_argument("--output", help="folder for the masks (default: predictions/<input folder name>)")
-    parser.add_argument("--recursive", action="store_true", help="also process images in subfolders (mirrored in --output)")
+    parser.add_argument("--recursive", action="store_true", help="also process images in subfolders, except labels/ folders (mirrored in --output)")
     parser.add_argument("--save-prob", action="store_true", help="also write the probability map as <stem>_prob.tif")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping those images")
     add_inference_options(parser.add_argument_group("prediction"))
@@ -59,7 +59,12 @@ def main(argv=None) -> int:
 
 
 def input_images(source: Path, recursive: bool) -> tuple[Path, list[Path]]:
-    """(base folder, image files) for a folder or a single image file."""
+    """(base folder, image files) for a folder or a single image file.
+
+    A folder with no images of its own but images in subfolders (a dataset
+    root like dataset/demo) is searched recursively. Recursive searches skip
+    folders named 'labels': those hold masks, not EM slices.
+    """
     from data import DataError, is_image_file, list_images
 
     if source.is_file():
@@ -68,10 +73,14 @@ def input_images(source: Path, recursive: bool) -> tuple[Path, list[Path]]:
         return source.parent, [source]
     if not source.is_dir():
         raise DataError(f"{source}: input folder not found")
-    images = list_images(source, recursive)
+    images = list_images(source)
+    if recursive or not images:
+        images = [path for path in list_images(source, recursive=True)
+                  if "labels" not in path.relative_to(source).parts[:-1]]
+        if images and not recursive:
+            print(f"No images directly in {source}: predicting the {len(images)} in its subfolders (labels/ skipped)")
     if not images:
-        hint = " (it has subfolders: use --recursive)" if any(p.is_dir() for p in source.iterdir()) else ""
-        raise DataError(f"{source}: no PNG, TIFF or JPEG images found{hint}")
+        raise DataError(f"{source}: no PNG, TIFF or JPEG images found")
     return source, images
 
 

@@ -108,6 +108,15 @@ def test_prediction_keeps_existing_outputs_unless_overwrite(tiny_model, small_da
     assert all(iio.imread(path).ndim == 2 for path in first)
 
 
+def test_prediction_of_a_dataset_root_covers_its_images_but_not_its_labels(tiny_model, small_dataset, tmp_path):
+    output = tmp_path / "masks"
+    assert prediction_mito.main(["--input", str(small_dataset), "--model", str(tiny_model), "--output", str(output)]) == 0
+    written = sorted(str(path.relative_to(output)) for path in output.rglob("*.png"))
+    expected = sorted(str(path.relative_to(small_dataset)) for path in small_dataset.rglob("*.png")
+                      if "labels" not in path.parts)
+    assert written == expected and len(written) == 6
+
+
 def test_prediction_never_writes_into_its_input_folder(tiny_model, small_dataset, capsys):
     source = small_dataset / "unlabeled"
     before = sorted(source.iterdir())
