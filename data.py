@@ -113,6 +113,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None
     image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, or gray + alpha
+        image = image[..., 0]
     if image.ndim == 3 and image.shape[-1] in (3, 4):
         if not _warned_rgb:
             warnings.warn(f"{path}: colour image converted to grayscale (and so are any others)", stacklevel=2)
@@ -172,6 +174,22 @@ def binarize_label(label: np.ndarray) -> np.ndarray:
     return (np.asarray(label) > 0).astype(np.uint8)
 
 
+def check_label_values(label: np.ndarray, path) -> None:
+    """Refuse labels that are not binary masks (0/1 or 0/255), naming the file.
+
+    Instance labels (0, 1, 2, ...) or a lossy JPEG mask would otherwise be
+    binarised silently into something the user did not mean.
+    """
+    values = np.unique(label)
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
+        return
+    shown = ", ".join(str(value) for value in values[:6]) + (", ..." if len(values) > 6 else "")
+    raise DataError(
+        f"{path}: label values {{{shown}}} are not a binary mask (expected 0/1 or 0/255; "
+        "for instance labels save label > 0)"
+    )
+
+
 # --- dataset layout -----------------------------------------------------------
 
 
@@ -211,6 +229,7 @@ def load_pair(pair: Pair, normalization: dict | None = None) -> tuple[np.ndarray
     label = read_image(pair.label)
     if image.shape != label.shape:
         raise DataError(f"{pair.label}: label size {label.shape} differs from image size {image.shape} ({pair.image.name})")
+    check_label_values(label, pair.label)
     return normalize(image, normalization), binarize_label(label)
 
 

@@ -110,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--workers", type=int, default=2, help="threads preparing training tiles (default: 2)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     preset = PRESETS["demo" if args.demo else "default"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -204,7 +205,7 @@ def train(args: argparse.Namespace) -> int:
             "loss": args.loss,
             "augment": args.augment,
             "seed": args.seed,
-            "command": shlex.join([sys.executable, *sys.argv]) if sys.argv else None,
+            "command": args.command,
             "versions": {
                 "python": platform.python_version(),
                 "tensorflow": tf.__version__,

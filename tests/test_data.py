@@ -92,6 +92,10 @@ def test_jpeg_and_colour_images_become_2d_grayscale(tmp_path):
         converted = data.read_image(tmp_path / "rgb.png")
     assert converted.shape == (32, 32) and converted.dtype == np.uint8
     assert np.abs(converted.astype(int) - gray).max() <= 1
+    tifffile.imwrite(tmp_path / "channel.tif", gray[..., None])
+    np.testing.assert_array_equal(data.read_image(tmp_path / "channel.tif"), gray)
+    iio.imwrite(tmp_path / "gray_alpha.png", np.stack([gray, np.full_like(gray, 255)], axis=-1))
+    np.testing.assert_array_equal(data.read_image(tmp_path / "gray_alpha.png"), gray)
 
 
 def test_unreadable_files_are_named(tmp_path):
@@ -121,9 +125,20 @@ def test_normalisation_maps_any_dtype_to_unit_range():
 
 
 @pytest.mark.parametrize("foreground", [1, 255])
-def test_labels_are_binarised_above_zero(foreground):
+def test_labels_are_binarised_above_zero(foreground, tmp_path):
     label = np.array([[0, foreground], [foreground, 0]], np.uint8)
     np.testing.assert_array_equal(data.binarize_label(label), [[0, 1], [1, 0]])
+    write_pair(tmp_path, "train", "0001", np.zeros((2, 2), np.uint8), label)
+    _, masks = data.load_pair(data.find_pairs(tmp_path, "train")[0])
+    np.testing.assert_array_equal(masks, [[0, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("values", [[0, 1, 2, 3], [0, 128, 255], [0, 7]])
+def test_labels_that_are_not_binary_masks_are_refused(values, tmp_path):
+    label = np.array([values], np.uint8)
+    write_pair(tmp_path, "train", "0001", np.zeros_like(label), label)
+    with pytest.raises(DataError, match=r"0001.png: label values \{.*\} are not a binary mask"):
+        data.load_pair(data.find_pairs(tmp_path, "train")[0])
 
 
 def test_outputs_are_written_atomically(tmp_path):

@@ -44,6 +44,8 @@ def test_training_writes_a_loadable_model_with_its_settings(tiny_model):
     assert set(settings["history"]) >= {"loss", "val_loss", "iou", "val_iou"}
     assert settings["training"]["replicas"] >= 1 and settings["training"]["global_batch_size"] >= 2
     assert settings["normalization"]["mode"] == "percentile"
+    assert settings["training"]["command"].startswith("python training_mito.py --dataset ")
+    assert settings["training"]["versions"]["tensorflow"].startswith("2.")
     for sibling in (tiny_model.with_suffix(".csv"), tiny_model.with_name("tiny_curves.png")):
         assert sibling.stat().st_size > 0
     assert not [p for p in tiny_model.parent.iterdir() if "partial" in p.name]
