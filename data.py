@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -43,23 +42,6 @@ class DataError(MitoError):
     """A dataset, image or output path that cannot be used; the message names the file."""
 
 
-# --- running the command-line scripts -----------------------------------------
-
-
-def run_cli(prog: str, run: Callable[[], int | None], debug: bool = False) -> int:
-    """Run a script body; user errors become one line on stderr and exit code 2."""
-    try:
-        return run() or 0
-    except MitoError as error:
-        if debug:
-            raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-
-
 # --- files --------------------------------------------------------------------
 
 
@@ -78,6 +60,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def remove_stale_partials(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete temporary files that a killed writer left behind; returns how many.
+
+    They are hidden (``.<stem>.partial-<pid><suffix>``) and never trusted;
+    those of a process that is still running are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.partial-*") if recursive else folder.glob(".*.partial-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_image_file(path: Path) -> bool:
@@ -311,22 +321,19 @@ def random_tile(images, masks, tile_size: int, rng: np.random.Generator, context
     return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
 
 
-def _py_dataset_base():
-    import tensorflow as tf
+class TrainingTiles:
+    """Random augmented training tiles, fed to ``model.fit`` as a ``tf.data`` pipeline.
 
-    return tf.keras.utils.PyDataset
+    Batch ``(epoch, index)`` is drawn from its own generator seeded by
+    (seed, epoch, index): a pure function of its position in training, so
+    runs repeat exactly whatever the number of loading threads, and a resumed
+    run sees the very batches the interrupted one would have. Each sample is a
+    crop with extra context around the tile; the geometric transform is
+    applied to the crop and the centre is kept, so rotations rarely need
+    filling.
 
-
-class TileSequence(_py_dataset_base()):
-    """Random augmented training tiles, fed to ``model.fit`` as a Keras PyDataset.
-
-    Every batch is drawn from its own generator seeded by (seed, epoch, index),
-    so a run is reproducible whatever the loading order. Each sample is a
-    crop with extra context around the tile; the geometric transform is applied
-    to the crop and the centre is kept, so rotations rarely need filling.
-
-    Yields ``(x, y)``: x ``(batch, tile, tile, 1)`` float32 in [0, 1], y the
-    matching uint8 masks as float32 0/1.
+    A batch is ``(x, y)``: x ``(batch, tile, tile, 1)`` float32 in [0, 1], y the
+    matching masks as float32 0/1.
     """
 
     def __init__(
@@ -340,22 +347,17 @@ class TileSequence(_py_dataset_base()):
         seed: int = 0,
         geometry: dict | None = None,
         intensity: dict | None = None,
-        **kwargs,
     ):
-        super().__init__(**kwargs)
         self.images, self.masks = list(images), list(masks)
         self.tile_size, self.batch_size, self.steps_per_epoch = tile_size, batch_size, steps_per_epoch
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed = augment, seed
         self.generator = _image_data_generator(geometry or GEOMETRIC_AUGMENTATION) if augment else None
         self.intensity = INTENSITY_AUGMENTATION if intensity is None else intensity
         # Enough context that a rotated, zoomed-out tile is still inside the crop.
         self.context = int(math.ceil(tile_size * 0.35)) if augment else 0
 
-    def __len__(self):
-        return self.steps_per_epoch
-
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, index])
         x = np.empty((self.batch_size, self.tile_size, self.tile_size, 1), np.float32)
         y = np.empty_like(x)
         for sample in range(self.batch_size):
@@ -367,8 +369,27 @@ class TileSequence(_py_dataset_base()):
             x[sample, ..., 0], y[sample, ..., 0] = image, mask
         return x, y
 
-    def on_epoch_end(self):
-        self.epoch += 1
+    def dataset(self, first_epoch: int, epochs: int, workers: int = 1):
+        """A tf.data.Dataset of the batches of epochs first_epoch .. epochs - 1, in order.
+
+        ``workers`` threads prepare batches in parallel; the order stays fixed.
+        Use with ``fit(..., steps_per_epoch=self.steps_per_epoch, initial_epoch=first_epoch)``.
+        """
+        import tensorflow as tf
+
+        steps = self.steps_per_epoch
+        shape = (self.batch_size, self.tile_size, self.tile_size, 1)
+
+        def load(step):
+            x, y = tf.numpy_function(lambda s: self.batch(int(s) // steps, int(s) % steps), [step],
+                                     (tf.float32, tf.float32), stateful=False)
+            return tf.ensure_shape(x, shape), tf.ensure_shape(y, shape)
+
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        steps_range = tf.data.Dataset.range(first_epoch * steps, epochs * steps)
+        return (steps_range.map(load, num_parallel_calls=max(1, workers), deterministic=True)
+                .prefetch(2).with_options(options))
 
 
 def grid_tiles(images, masks, tile_size: int) -> tuple[np.ndarray, np.ndarray]:

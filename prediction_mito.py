@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from test_mito import add_inference_options  # noqa: E402  (argparse only, no TensorFlow)
+from cli import Parser, add_debug_option, add_inference_options, inference_setup, run_cli  # noqa: E402
 
 PROG = "prediction_mito.py"
 DEFAULT_MODEL = "models/unet_mito.h5"
@@ -28,7 +28,7 @@ DEMO = {"input": "dataset/demo/unlabeled", "model": "models/demo_unet.h5", "outp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--input", help="folder of EM images, or one image file")
     parser.add_argument("--demo", action="store_true", help=f"predict {DEMO['input']} with the demo model")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULT_MODEL}; demo: {DEMO['model']})")
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-prob", action="store_true", help="also write the probability map as <stem>_prob.tif")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping those images")
     add_inference_options(parser.add_argument_group("prediction"))
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     if args.demo:
         for key, value in DEMO.items():
@@ -53,8 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data import run_cli
-
     return run_cli(PROG, lambda: predict(args), debug=args.debug)
 
 
@@ -90,7 +88,6 @@ def predict(args: argparse.Namespace) -> int:
 
     import data
     import unet
-    from test_mito import inference_setup
 
     source, output = Path(args.input), Path(args.output)
     base, images = input_images(source, args.recursive)
@@ -105,6 +102,7 @@ def predict(args: argparse.Namespace) -> int:
         raise data.DataError(f"{output}: cannot create the output folder ({error.strerror})") from None
     if not os.access(output, os.W_OK):
         raise data.DataError(f"{output}: folder is not writable")
+    data.remove_stale_partials(output, recursive=True)  # left by a run that was killed
     print(f"Model {args.model}: threshold {threshold:.2f}, tiles {tile_size}px with overlap {overlap}px")
     print(f"Predicting {len(images)} images from {source} into {output}")
 

@@ -19,30 +19,22 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from cli import Parser, add_debug_option, add_inference_options, inference_setup, run_cli  # noqa: E402
+
 PROG = "test_mito.py"
 DEFAULTS = {"dataset": "dataset/SNEMI3D_mito", "model": "models/unet_mito.h5"}
 DEMO = {"dataset": "dataset/demo", "model": "models/demo_unet.h5"}
 
 
-def add_inference_options(group) -> None:
-    """Options shared with prediction_mito.py: None means 'the model's JSON value'."""
-    group.add_argument("--tile-size", type=int, help="tile side for prediction (default: the model's, 1024)")
-    group.add_argument("--overlap", type=int,
-                       help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
-    group.add_argument("--threshold", type=float,
-                       help="probability threshold (default: the model's, tuned on the validation split)")
-    group.add_argument("--batch-size", type=int, default=1, help="tiles per prediction batch (default: 1)")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--demo", action="store_true", help="score the demo model on the demo data")
     parser.add_argument("--dataset", help=f"dataset root with test/images and test/labels (default: {DEFAULTS['dataset']}; demo: {DEMO['dataset']})")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULTS['model']}; demo: {DEMO['model']})")
     parser.add_argument("--output", help="folder for scores.csv and summary.json (default: results/<model name>)")
     add_inference_options(parser.add_argument_group("prediction"))
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     for key, value in (DEMO if args.demo else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -54,25 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data import run_cli
-
     return run_cli(PROG, lambda: evaluate(args), debug=args.debug)
-
-
-def inference_setup(args, settings: dict):
-    """Resolve tile size, overlap and threshold: explicit options, else the model's settings."""
-    from data import DataError
-
-    tile_size = args.tile_size if args.tile_size is not None else settings["tile_size"]
-    overlap = args.overlap if args.overlap is not None else settings["overlap"]
-    threshold = args.threshold if args.threshold is not None else settings["threshold"]
-    if tile_size < 1 or overlap < 0 or args.batch_size < 1:
-        raise DataError(f"invalid options: --tile-size {tile_size}, --overlap {overlap}, --batch-size {args.batch_size}")
-    if overlap >= tile_size:
-        raise DataError(f"--overlap {overlap} must be smaller than --tile-size {tile_size}")
-    if not 0 < threshold < 1:
-        raise DataError(f"--threshold {threshold} must be between 0 and 1")
-    return tile_size, overlap, threshold
 
 
 def evaluate(args: argparse.Namespace) -> int:

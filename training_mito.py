@@ -4,6 +4,7 @@
 Examples:
   python training_mito.py --demo                   # synthetic demo, CPU-sized, then scores it
   python training_mito.py --dataset dataset/SNEMI3D_mito --model models/unet_mito.h5
+  python training_mito.py --model models/unet_mito.h5 --resume   # continue an interrupted run
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from cli import Parser, add_debug_option, positive_float, positive_int, run_cli  # noqa: E402
+
 PROG = "training_mito.py"
-# Every training option's value when not given, per preset; explicit options win.
+# Every option's value when it is not given, per preset; explicit options win.
 PRESETS = {
     "default": dict(
         dataset="dataset/SNEMI3D_mito",
@@ -52,26 +55,15 @@ PRESETS = {
         loss="bce_dice",
     ),
 }
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
+# Options a resumed run takes from the interrupted one (all but --epochs, which may grow).
+RUN_OPTIONS = (
+    "dataset", "normalization", "augment", "steps_per_epoch", "batch_size", "tile_size", "filters",
+    "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "loss", "seed", "deterministic",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog=PROG, description=__doc__)
 
     def default(key):
         return f"(default: {PRESETS['default'][key]}; demo: {PRESETS['demo'][key]})"
@@ -90,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help=f"output .h5 file; its settings go to the .json beside it {default('model')}")
     model.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    model.add_argument("--resume", action="store_true",
+                       help="continue the interrupted (or finished) run of --model from its last completed epoch, "
+                            "with its options; --epochs may raise the total")
     model.add_argument("--filters", type=positive_int, help=f"base filters {default('filters')}")
     model.add_argument("--depth", type=positive_int, help=f"number of poolings {default('depth')}")
     model.add_argument("--dropout", type=float, help=f"dropout at the two deepest levels {default('dropout')}")
@@ -99,19 +94,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"batch normalisation after each convolution {default('batch_norm')}")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, help=default("epochs"))
+    train.add_argument("--epochs", type=positive_int, help=f"total epochs {default('epochs')}")
     train.add_argument("--steps-per-epoch", type=positive_int, help=default("steps_per_epoch"))
     train.add_argument("--batch-size", type=positive_int, help=f"tiles per replica (GPU) per step {default('batch_size')}")
     train.add_argument("--tile-size", type=positive_int,
-                       help=f"training tile side in pixels, a multiple of 2**depth {default('tile_size')}")
+                       help=f"training tile side in pixels, rounded up to a multiple of 2**depth {default('tile_size')}")
     train.add_argument("--learning-rate", type=positive_float, help=default("learning_rate"))
     train.add_argument("--loss", choices=["bce", "dice", "bce_dice"], help=default("loss"))
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    train.add_argument("--workers", type=int, default=2, help="threads preparing training tiles (default: 2)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    train.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                       help="TensorFlow op determinism: same seed and data give the same weights "
+                            "(default: on without a GPU, off with one, where it costs speed)")
+    train.add_argument("--workers", type=positive_int, default=2, help="threads preparing training tiles (default: 2)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     preset = PRESETS["demo" if args.demo else "default"]
+    args.explicit = {key for key in preset if getattr(args, key) is not None}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -122,9 +121,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data import run_cli
-
     return run_cli(PROG, lambda: train(args), debug=args.debug)
+
+
+def resume_options(args, state: dict) -> None:
+    """Take the interrupted run's options, keeping an explicitly raised --epochs."""
+    from unet import ConfigError
+
+    for key in RUN_OPTIONS:
+        setattr(args, key, state["options"][key])
+    if "epochs" not in args.explicit:
+        args.epochs = state["options"]["epochs"]
+    if args.epochs < state["epoch"]:
+        raise ConfigError(f"--epochs {args.epochs} is below the {state['epoch']} epochs already done")
+
+
+def prepare_model_path(args, data, unet) -> Path:
+    """Check the model path before any work: suffix, overwrite rules, a writable folder."""
+    model_path = Path(args.model)
+    if model_path.suffix != ".h5":
+        raise unet.ModelError(f"{model_path}: the model file must end in .h5")
+    if model_path.exists() and not (args.overwrite or args.resume):
+        raise unet.ModelError(f"{model_path}: already exists (use --overwrite to replace it, "
+                              "--resume to continue its training, or another --model)")
+    try:
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise data.DataError(f"{model_path.parent}: cannot create the model folder ({error.strerror})") from None
+    if not os.access(model_path.parent, os.W_OK):
+        raise data.DataError(f"{model_path.parent}: folder is not writable")
+    data.remove_stale_partials(model_path.parent)
+    return model_path
 
 
 def train(args: argparse.Namespace) -> int:
@@ -133,9 +160,13 @@ def train(args: argparse.Namespace) -> int:
 
     import data
     import unet
-    from metrics import tune_threshold
 
     started = time.time()
+    model_path = prepare_model_path(args, data, unet)
+    state = None
+    if args.resume:
+        state = unet.read_resume_state(model_path)
+        resume_options(args, state)
     config = unet.UNetConfig(
         depth=args.depth,
         base_filters=args.filters,
@@ -147,122 +178,132 @@ def train(args: argparse.Namespace) -> int:
         rounded = -(-args.tile_size // config.alignment) * config.alignment
         print(f"tile size {args.tile_size} is not a multiple of 2**depth = {config.alignment}: using {rounded}")
         args.tile_size = rounded
-    model_path = Path(args.model)
-    if model_path.suffix != ".h5":
-        raise unet.ModelError(f"{model_path}: the model file must end in .h5")
-    if model_path.exists() and not args.overwrite:
-        raise unet.ModelError(f"{model_path}: already exists (use --overwrite to replace it, or another --model)")
     if args.demo and not data.demo_is_complete(args.dataset):
         print(f"Writing the synthetic demo dataset to {args.dataset} ...")
         data.make_demo_dataset(args.dataset)
     normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
     _, train_images, train_masks = data.load_split(args.dataset, "train", normalization)
     valid_pairs, valid_images, valid_masks = data.load_split(args.dataset, "valid", normalization)
-    try:
-        model_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise data.DataError(f"{model_path.parent}: cannot create the model folder ({error.strerror})") from None
-    if not os.access(model_path.parent, os.W_OK):
-        raise data.DataError(f"{model_path.parent}: folder is not writable")
+    if not args.resume:
+        unet.remove_resume_state(model_path)  # a fresh run must not resume an older one
 
+    if args.deterministic is None:
+        args.deterministic = not tf.config.list_physical_devices("GPU")
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(args.seed)
     strategy = tf.distribute.MirroredStrategy()
     replicas = strategy.num_replicas_in_sync
     global_batch = args.batch_size * replicas
+    first_epoch = state["epoch"] if state else 0
     print(f"Dataset     {args.dataset}: {len(train_images)} train, {len(valid_images)} valid images")
     print(f"Model       {model_path} (depth {config.depth}, {config.base_filters} base filters, "
           f"dropout {config.dropout}, batch norm {config.batch_norm})")
     print(f"Replicas    {replicas} ({', '.join(strategy.extended.worker_devices)}); "
           f"batch {args.batch_size} per replica, global batch {global_batch}")
     print(f"Training    {args.epochs} epochs x {args.steps_per_epoch} steps, tiles {args.tile_size}px, "
-          f"lr {args.learning_rate}, loss {args.loss}, augmentation {'on' if args.augment else 'off'}, seed {args.seed}")
+          f"lr {args.learning_rate}, loss {args.loss}, augmentation {'on' if args.augment else 'off'}, "
+          f"seed {args.seed}, deterministic {'on' if args.deterministic else 'off'}")
+    if state:
+        print(f"Resuming    after epoch {first_epoch} from {state['checkpoint']}, with that run's options")
 
     with strategy.scope():
-        model = unet.compile_unet(unet.build_unet(config), args.learning_rate, args.loss)
-    train_tiles = data.TileSequence(
+        if state:
+            model = unet.load_resume_model(model_path, state)
+        else:
+            model = unet.compile_unet(unet.build_unet(config), args.learning_rate, args.loss)
+    train_tiles = data.TrainingTiles(
         train_images, train_masks, args.tile_size, global_batch, args.steps_per_epoch,
-        augment=args.augment, seed=args.seed, workers=max(1, args.workers),
+        augment=args.augment, seed=args.seed,
     )
     valid_x, valid_y = data.grid_tiles(valid_images, valid_masks, args.tile_size)
-    overlap = unet.default_overlap(config)
-    settings = {
+    options = {key: getattr(args, key) for key in RUN_OPTIONS} | {"epochs": args.epochs}
+    settings = state["settings"] if state else {
         "format": "emsegmentation-mito/1",
         "unet": config.to_dict(),
         "normalization": normalization,
         "train_tile_size": args.tile_size,
         "tile_size": unet.DEFAULT_PREDICTION_TILE,
-        "overlap": overlap,
+        "overlap": unet.default_overlap(config),
         "threshold": 0.5,
         "threshold_tuned_on": None,
         "training": {
             "dataset": str(Path(args.dataset).resolve()),
-            "epochs": args.epochs,
-            "steps_per_epoch": args.steps_per_epoch,
-            "batch_size_per_replica": args.batch_size,
+            "options": options,
             "replicas": replicas,
             "global_batch_size": global_batch,
-            "learning_rate": args.learning_rate,
-            "loss": args.loss,
-            "augment": args.augment,
-            "seed": args.seed,
             "command": args.command,
             "versions": {
                 "python": platform.python_version(),
                 "tensorflow": tf.__version__,
-                "keras": tf.keras.__version__ if hasattr(tf.keras, "__version__") else None,
+                "keras": getattr(tf.keras, "__version__", None),
                 "numpy": np.__version__,
             },
         },
         "history_csv": model_path.with_suffix(".csv").name,
         "curves_png": model_path.with_name(model_path.stem + "_curves.png").name,
     }
-    checkpoint = unet.BestModelCheckpoint(model_path, settings)
-    history = model.fit(
-        train_tiles,
-        epochs=args.epochs,
-        validation_data=(valid_x, valid_y),
-        validation_batch_size=global_batch,
-        callbacks=[
-            checkpoint,
-            tf.keras.callbacks.CSVLogger(str(model_path.with_suffix(".csv"))),
-            tf.keras.callbacks.TerminateOnNaN(),
-        ],
-        verbose=2 if not sys.stdout.isatty() else "auto",
-    ).history
-    if checkpoint.best_epoch is None:
+    if state:
+        settings["training"].setdefault("resumed", []).append({"after_epoch": first_epoch, "command": args.command})
+        settings["training"]["options"]["epochs"] = args.epochs
+    checkpoints = unet.TrainingCheckpoints(model_path, settings, options, state)
+    if first_epoch < args.epochs:
+        model.fit(
+            train_tiles.dataset(first_epoch, args.epochs, args.workers),
+            steps_per_epoch=args.steps_per_epoch,
+            initial_epoch=first_epoch,
+            epochs=args.epochs,
+            shuffle=False,  # the tiles are random already
+            validation_data=(valid_x, valid_y),
+            validation_batch_size=global_batch,
+            callbacks=[
+                checkpoints,
+                tf.keras.callbacks.CSVLogger(str(model_path.with_suffix(".csv")), append=bool(state)),
+                tf.keras.callbacks.TerminateOnNaN(),
+            ],
+            verbose=2 if not sys.stdout.isatty() else "auto",
+        )
+    if checkpoints.best_epoch is None:
         raise unet.ModelError(f"{model_path}: training produced no valid checkpoint (loss was NaN?)")
-    training_seconds = time.time() - started
-
-    # Tune the probability threshold on the validation split, with the best model.
-    best, _ = unet.load_model(model_path)
-    predict_fn = unet.make_predict_fn(best)
-    probabilities = [
-        data.predict_tiled(predict_fn, image, settings["tile_size"], overlap, config.alignment)
-        for image in valid_images
-    ]
-    threshold, valid_iou = tune_threshold(probabilities, valid_masks)
+    seconds = time.time() - started
+    threshold, valid_iou = tune_threshold_on_valid(model_path, settings, valid_images, valid_masks)
     settings.update(
         threshold=threshold,
         threshold_tuned_on=f"valid ({len(valid_pairs)} images)",
         threshold_valid_iou=round(valid_iou, 4),
     )
     settings["training"].update(
-        best_epoch=checkpoint.best_epoch,
-        best_val_loss=checkpoint.best,
-        seconds=round(training_seconds, 1),
+        best_epoch=checkpoints.best_epoch,
+        best_val_loss=checkpoints.best,
+        seconds=round(seconds + (state["settings"]["training"].get("seconds", 0) if state else 0), 1),
     )
-    settings["history"] = {key: [float(value) for value in values] for key, values in history.items()}
     unet.write_json(unet.settings_path(model_path), settings)
     plot_curves(settings["history"], model_path.with_name(settings["curves_png"]))
-    print(f"Best epoch  {checkpoint.best_epoch} (val_loss {checkpoint.best:.4f}) saved to {model_path}")
+    print(f"Best epoch  {checkpoints.best_epoch} (val_loss {checkpoints.best:.4f}) saved to {model_path}")
     print(f"Threshold   {threshold:.2f} (validation IoU {valid_iou:.4f}) stored in {unet.settings_path(model_path)}")
-    print(f"Took        {training_seconds:.0f} s")
+    print(f"Took        {seconds:.0f} s")
     if args.demo:
         import test_mito
 
         print("\nScoring the demo model on the demo test split:")
         return test_mito.main(["--model", str(model_path), "--dataset", args.dataset])
     return 0
+
+
+def tune_threshold_on_valid(model_path: Path, settings: dict, valid_images, valid_masks) -> tuple[float, float]:
+    """Predict the validation images with the best model, as test and prediction will, and tune."""
+    import data
+    import unet
+    from metrics import tune_threshold
+
+    best, _ = unet.load_model(model_path)
+    predict_fn = unet.make_predict_fn(best)
+    align = unet.UNetConfig.from_dict(settings["unet"]).alignment
+    probabilities = [
+        data.predict_tiled(predict_fn, image, settings["tile_size"], settings["overlap"], align)
+        for image in valid_images
+    ]
+    return tune_threshold(probabilities, valid_masks)
 
 
 def plot_curves(history: dict, path: Path) -> None:

@@ -272,33 +272,113 @@ def save_model(model: tf.keras.Model, path: str | os.PathLike, settings: dict | 
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        atomic_write(path, lambda temporary: model.save(temporary))
+        atomic_write(path, lambda temporary: model.save(temporary, include_optimizer=False))
     finally:
         absl_logger.setLevel(level)
     if settings is not None:
         write_json(settings_path(path), settings)
 
 
-class BestModelCheckpoint(tf.keras.callbacks.Callback):
-    """Save the model and its settings whenever the monitored value improves.
+class TrainingCheckpoints(tf.keras.callbacks.Callback):
+    """After every epoch: keep the history, save the best model, save a resume point.
 
-    Unlike Keras' ModelCheckpoint it writes a temporary file and renames it,
-    so a crash or a kill at any moment leaves the previous best model whole.
-    ``settings["training"]["best_epoch"]`` is updated before each save.
+    The best model (lowest ``monitor``) goes to ``path`` (.h5, no optimizer)
+    with its settings JSON; the resume point is a native .keras file with the
+    optimizer state plus ``<stem>.resume.json`` naming it. Every file is
+    written to a temporary name and renamed, and the JSON is written after the
+    file it names, so a kill at any moment leaves a complete model and a
+    consistent resume point.
     """
 
-    def __init__(self, path, settings: dict, monitor: str = "val_loss"):
+    def __init__(self, path, settings: dict, options: dict, state: dict | None = None, monitor: str = "val_loss"):
         super().__init__()
-        self.path, self.settings, self.monitor = Path(path), settings, monitor
-        self.best, self.best_epoch = float("inf"), None
+        self.path, self.settings, self.options, self.monitor = Path(path), settings, options, monitor
+        self.history = settings.setdefault("history", {})
+        self.best = state["best"] if state else float("inf")
+        self.best_epoch = state["best_epoch"] if state else None
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not np.isfinite(value) or value >= self.best:
-            return
-        self.best, self.best_epoch = float(value), epoch + 1
-        self.settings.setdefault("training", {})["best_epoch"] = self.best_epoch
-        save_model(self.model, self.path, self.settings)
+        logs = logs or {}
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+        value = logs.get(self.monitor)
+        if value is not None and np.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch + 1
+            self.settings["training"]["best_epoch"] = self.best_epoch
+            save_model(self.model, self.path, self.settings)
+        save_resume_state(self.model, self.path, epoch + 1, {
+            "best": self.best, "best_epoch": self.best_epoch, "options": self.options, "settings": self.settings,
+            "seed_states": _seed_states(self.model),
+        })
+
+
+def _seed_states(model: tf.keras.Model) -> dict:
+    """The random-stream positions of the dropout layers, which model files do not keep."""
+    return {
+        layer.name: np.asarray(layer.seed_generator.state.numpy()).tolist()
+        for layer in model.layers
+        if getattr(layer, "seed_generator", None) is not None
+    }
+
+
+def _restore_seed_states(model: tf.keras.Model, states: dict) -> None:
+    for name, value in states.items():
+        state = model.get_layer(name).seed_generator.state
+        state.assign(np.asarray(value, dtype=state.dtype if isinstance(state.dtype, str) else state.dtype.name))
+
+
+def resume_json_path(model_path: str | os.PathLike) -> Path:
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + ".resume.json")
+
+
+def _resume_checkpoints(model_path: Path) -> list[Path]:
+    return sorted(model_path.parent.glob(f"{model_path.stem}.resume-epoch*.keras"))
+
+
+def save_resume_state(model: tf.keras.Model, model_path: Path, epoch: int, state: dict) -> None:
+    """Save what ``--resume`` needs after ``epoch`` completed epochs; keep only the newest."""
+    checkpoint = model_path.with_name(f"{model_path.stem}.resume-epoch{epoch:04d}.keras")
+    atomic_write(checkpoint, lambda temporary: model.save(temporary))
+    write_json(resume_json_path(model_path), {"epoch": epoch, "checkpoint": checkpoint.name, **state})
+    for older in _resume_checkpoints(model_path):
+        if older != checkpoint:
+            older.unlink(missing_ok=True)
+
+
+def remove_resume_state(model_path: str | os.PathLike) -> None:
+    model_path = Path(model_path)
+    resume_json_path(model_path).unlink(missing_ok=True)
+    for checkpoint in _resume_checkpoints(model_path):
+        checkpoint.unlink(missing_ok=True)
+
+
+def read_resume_state(model_path: str | os.PathLike) -> dict:
+    """The resume point of a training run of ``model_path``; ModelError when there is none."""
+    json_path = resume_json_path(model_path)
+    if not json_path.exists():
+        raise ModelError(f"{json_path}: not found, so there is no training of {Path(model_path).name} to resume")
+    try:
+        state = json.loads(json_path.read_text())
+        checkpoint = json_path.with_name(state["checkpoint"])
+        state["epoch"], state["options"], state["settings"]  # noqa: B018  (all must be present)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{json_path}: not a valid resume file ({error})") from None
+    if not checkpoint.is_file():
+        raise ModelError(f"{checkpoint}: resume checkpoint missing")
+    return state
+
+
+def load_resume_model(model_path: str | os.PathLike, state: dict) -> tf.keras.Model:
+    """The compiled model of a resume point: optimizer state and dropout random streams included."""
+    checkpoint = Path(model_path).with_name(state["checkpoint"])
+    try:
+        model = tf.keras.models.load_model(checkpoint, compile=True, safe_mode=True)
+        _restore_seed_states(model, state.get("seed_states", {}))
+    except Exception as error:  # any failure means the checkpoint is unusable
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"{checkpoint}: cannot resume from it ({reason})") from None
+    return model
 
 
 def read_settings(path: str | os.PathLike) -> dict | None:

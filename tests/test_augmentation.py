@@ -54,28 +54,39 @@ def test_intensity_changes_touch_the_image_only():
     assert out_image.min() >= 0 and out_image.max() <= 1
 
 
-def tiles(augment, epoch=0, seed=1):
+def batch(augment, epoch=0, seed=1):
     rng = np.random.default_rng(0)
     images = [rng.random((150, 130), dtype=np.float32), rng.random((60, 50), dtype=np.float32)]
     masks = [(image > 0.7).astype(np.uint8) for image in images]
-    sequence = data.TileSequence(images, masks, tile_size=64, batch_size=3, steps_per_epoch=4, augment=augment, seed=seed)
-    sequence.epoch = epoch
-    return sequence
+    tiles = data.TrainingTiles(images, masks, tile_size=64, batch_size=3, steps_per_epoch=4, augment=augment, seed=seed)
+    return tiles.batch(epoch, 2)
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_training_batches_have_the_promised_shapes_and_are_reproducible(augment):
-    x, y = tiles(augment)[2]
+    x, y = batch(augment)
     assert x.shape == y.shape == (3, 64, 64, 1)
     assert x.dtype == y.dtype == np.float32
     assert x.min() >= 0 and x.max() <= 1 and set(np.unique(y)) <= {0.0, 1.0}
-    np.testing.assert_array_equal(x, tiles(augment)[2][0])
-    assert not np.array_equal(x, tiles(augment, epoch=1)[2][0])
-    assert not np.array_equal(x, tiles(augment, seed=2)[2][0])
-    assert len(tiles(augment)) == 4
+    np.testing.assert_array_equal(x, batch(augment)[0])
+    assert not np.array_equal(x, batch(augment, epoch=1)[0])
+    assert not np.array_equal(x, batch(augment, seed=2)[0])
 
 
 def test_plain_tiles_are_exact_crops_with_their_masks():
-    x, y = tiles(augment=False)[0]
+    x, y = batch(augment=False)
     # Without augmentation the mask is exactly the thresholded image (image > 0.7).
     np.testing.assert_array_equal(y > 0, x > 0.7)
+
+
+def test_the_dataset_yields_each_epochs_batches_in_order_whatever_the_threads():
+    rng = np.random.default_rng(0)
+    images = [rng.random((90, 90), dtype=np.float32)]
+    tiles = data.TrainingTiles(images, [(images[0] > 0.5).astype(np.uint8)], 32, 2, steps_per_epoch=3, seed=4)
+    for workers in (1, 3):
+        batches = list(tiles.dataset(first_epoch=1, epochs=3, workers=workers).as_numpy_iterator())
+        assert len(batches) == 6
+        for step, (x, y) in enumerate(batches):
+            expected_x, expected_y = tiles.batch(1 + step // 3, step % 3)
+            np.testing.assert_array_equal(x, expected_x)
+            np.testing.assert_array_equal(y, expected_y)
