@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -104,47 +105,113 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 _warned_rgb = False
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read one 2D grayscale image in its own dtype (uint8, uint16, float...).
-
-    RGB(A) images are converted to grayscale (luminance) with a one-time warning.
-    Raises DataError naming the file when it cannot be read or is not 2D.
-    """
+def _to_grayscale(image: np.ndarray, path: Path) -> np.ndarray:
+    """Drop alpha; turn RGB into luminance (once-per-run warning), keeping integer dtypes."""
     global _warned_rgb
+    if image.shape[-1] in (1, 2):  # gray, or gray + alpha
+        return image[..., 0]
+    if not _warned_rgb:
+        warnings.warn(f"{path}: colour image converted to grayscale (and so are any others)", stacklevel=3)
+        _warned_rgb = True
+    luminance = image[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+    return np.round(luminance).astype(image.dtype) if image.dtype.kind in "ui" else luminance.astype(np.float32)
+
+
+def read_slices(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D image or a TIFF stack as ``(slices, y, x)`` in the file's own dtype.
+
+    A 2D image gives one slice; a multi-page TIFF (or an ImageJ Z/T stack)
+    gives one slice per page. RGB(A) becomes grayscale with a one-time warning.
+    Raises DataError naming the file when it cannot be read or has other axes.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:
-            image = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                image, has_channels = series.asarray(), series.axes.endswith("S")
         else:
             image = iio.imread(path, plugin="pillow")
+            has_channels = image.ndim == 3
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as error:  # every reader raises its own types for bad files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{path}: not a readable image ({reason})") from None
     image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] in (1, 2):  # gray, or gray + alpha
+    if has_channels and image.shape[-1] in (1, 2, 3, 4):
+        image = _to_grayscale(image, path)
+    elif image.ndim == 3 and image.shape[-1] == 1:  # (y, x, 1) saved without a samples axis
         image = image[..., 0]
-    if image.ndim == 3 and image.shape[-1] in (3, 4):
-        if not _warned_rgb:
-            warnings.warn(f"{path}: colour image converted to grayscale (and so are any others)", stacklevel=2)
-            _warned_rgb = True
-        luminance = image[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
-        image = luminance.astype(image.dtype) if image.dtype.kind in "ui" else luminance.astype(np.float32)
-    if image.ndim == 3 and image.shape[0] == 1:
-        image = image[0]
-    if image.ndim != 2:
-        raise DataError(f"{path}: expected a 2D grayscale image, got an array of shape {image.shape}")
-    if image.size == 0:
-        raise DataError(f"{path}: the image is empty")
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or 0 in image.shape:
+        raise DataError(f"{path}: expected a 2D grayscale image or a stack of them, got an array of shape {image.shape}")
     return image
 
 
+def count_slices(path: str | os.PathLike) -> int:
+    """How many slices ``read_slices`` would return, from the file header only."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return 1
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            shape, axes = series.shape, series.axes
+    except Exception as error:  # tifffile raises many types for bad files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"{path}: not a readable image ({reason})") from None
+    if axes.endswith("S"):
+        shape = shape[:-1]
+    return shape[0] if len(shape) == 3 and shape[-1] != 1 else 1
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read one 2D grayscale image ``(y, x)`` in its own dtype (uint8, uint16, float...).
+
+    Raises DataError naming the file when it cannot be read or is a stack.
+    """
+    slices = read_slices(path)
+    if len(slices) != 1:
+        raise DataError(f"{path}: a stack of {len(slices)} slices where one 2D image was expected "
+                        "(prediction accepts stacks; training and test need one slice per file)")
+    return slices[0]
+
+
+def overlay(image: np.ndarray, outlines, tint: np.ndarray | None = None) -> np.ndarray:
+    """An RGB picture of an EM slice with mask outlines drawn on it.
+
+    image: (y, x) float in [0, 1]; outlines: [(mask, (r, g, b)), ...], each
+    mask (y, x) with nonzero foreground; tint: a mask shaded green underneath.
+    Returns (y, x, 3) uint8.
+    """
+    from skimage.segmentation import find_boundaries
+
+    gray = np.clip(image, 0, 1) * 255
+    picture = np.repeat(gray[..., None], 3, axis=-1)
+    if tint is not None:
+        picture[tint > 0] = 0.65 * picture[tint > 0] + 0.35 * np.array([0, 255, 0])
+    for mask, colour in outlines:
+        picture[find_boundaries(mask > 0, mode="inner")] = colour
+    return picture.astype(np.uint8)
+
+
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an image atomically: TIFF through tifffile, PNG/JPEG through imageio."""
+    """Write an image atomically: TIFF through tifffile, PNG/JPEG through imageio.
+
+    A 3D array ``(slices, y, x)`` becomes a multi-page ImageJ TIFF (a Z stack
+    in Fiji and napari).
+    """
     path = Path(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
-        atomic_write(path, lambda temporary: tifffile.imwrite(temporary, image, compression="zlib"))
+        rgb_stack = np.ndim(image) == 4
+        stack = rgb_stack or (np.ndim(image) == 3 and np.shape(image)[-1] not in (3, 4))
+        axes = "ZYXS" if rgb_stack else "ZYX"
+        options = {"imagej": True, "metadata": {"axes": axes}} if stack else {"compression": "zlib"}
+        if stack and np.asarray(image).dtype not in (np.uint8, np.uint16, np.float32):
+            image = np.asarray(image).astype(np.float32)  # the types ImageJ reads
+        atomic_write(path, lambda temporary: tifffile.imwrite(temporary, image, **options))
     else:
         atomic_write(path, lambda temporary: iio.imwrite(temporary, image))
 
@@ -616,8 +683,12 @@ def make_demo_dataset(root: str | os.PathLike = DEMO_ROOT, seed: int = 2015, sha
     Also writes ``unlabeled/`` with odd-sized slices for the prediction demo.
     Files are written atomically; existing files are left alone.
     """
+    from tqdm import tqdm
+
     root = Path(root)
     splits = splits or DEMO_SPLITS
+    progress = tqdm(total=sum(splits.values()) + len(DEMO_UNLABELED_SHAPES), desc="demo data", unit="slice",
+                    file=sys.stderr, leave=False)
     index = 0
     for split, count in splits.items():
         for kind in ("images", "labels"):
@@ -630,12 +701,15 @@ def make_demo_dataset(root: str | os.PathLike = DEMO_ROOT, seed: int = 2015, sha
                 write_image(label_path, mask * 255)
                 write_image(image_path, image)
             index += 1
+            progress.update()
     (root / "unlabeled").mkdir(parents=True, exist_ok=True)
     for unlabeled_shape in DEMO_UNLABELED_SHAPES:
         path = root / "unlabeled" / f"{index:04d}.png"
         if not path.exists():
             write_image(path, synthetic_em_slice(np.random.default_rng([seed, index]), unlabeled_shape)[0])
         index += 1
+        progress.update()
+    progress.close()
     return root
 
 

@@ -105,3 +105,61 @@ def tune_threshold(probabilities, masks, thresholds=None) -> tuple[float, float]
         if iou > best[1]:
             best = (float(threshold), float(iou))
     return best
+
+
+# --- per-mitochondrion measurements ---------------------------------------------
+
+_REGION_PROPERTIES = {
+    "area": "area_px",
+    "perimeter": "perimeter_px",
+    "axis_major_length": "major_axis_px",
+    "axis_minor_length": "minor_axis_px",
+    "eccentricity": "eccentricity",
+    "solidity": "solidity",
+    "centroid-0": "centroid_y_px",
+    "centroid-1": "centroid_x_px",
+}
+# Lengths scale with the pixel size, areas with its square.
+_NM_COLUMNS = {"area_px": ("area_nm2", 2), "perimeter_px": ("perimeter_nm", 1), "major_axis_px": ("major_axis_nm", 1),
+               "minor_axis_px": ("minor_axis_nm", 1), "centroid_y_px": ("centroid_y_nm", 1),
+               "centroid_x_px": ("centroid_x_nm", 1)}
+
+
+def label_instances(mask: np.ndarray) -> np.ndarray:
+    """Connected components of a binary mask (8-connected), numbered 1..n; uint16, or uint32 if needed."""
+    labels = connected_components(np.asarray(mask) > 0)
+    return labels.astype(np.uint16 if labels.max() < 2**16 else np.uint32)
+
+
+def measure_mitochondria(instances: np.ndarray, pixel_size: float | None = None) -> list[dict]:
+    """One row per labelled mitochondrion: label, area, perimeter, major/minor axis,
+    eccentricity, solidity, centroid, in pixels and, given the pixel size in nm, in nm."""
+    from skimage.measure import regionprops_table
+
+    if not np.any(instances):
+        return []
+    table = regionprops_table(np.asarray(instances), properties=("label", "area", "perimeter", "axis_major_length",
+                                                                 "axis_minor_length", "eccentricity", "solidity",
+                                                                 "centroid"))
+    rows = []
+    for index, label in enumerate(table["label"]):
+        row = {"label": int(label)}
+        row.update({column: float(table[key][index]) for key, column in _REGION_PROPERTIES.items()})
+        if pixel_size:
+            row.update({name: row[column] * pixel_size**power for column, (name, power) in _NM_COLUMNS.items()})
+        rows.append(row)
+    return rows
+
+
+def slice_summary(instances: np.ndarray, pixel_size: float | None = None) -> dict:
+    """Count, mitochondrial area fraction and mean size of one slice's instances."""
+    areas = np.bincount(np.asarray(instances).ravel())[1:]
+    areas = areas[areas > 0]
+    summary = {
+        "count": int(len(areas)),
+        "area_fraction": float(areas.sum() / np.asarray(instances).size),
+        "mean_area_px": float(areas.mean()) if len(areas) else 0.0,
+    }
+    if pixel_size:
+        summary["mean_area_nm2"] = summary["mean_area_px"] * pixel_size**2
+    return summary

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Segment mitochondria in every EM image (PNG, TIFF, JPEG; any size) of a folder.
+"""Segment mitochondria in EM images (PNG, TIFF, JPEG; any size) or multi-page TIFF stacks.
 
-Writes one mask per image (same stem, PNG, 0/255) to --output and, with
---save-prob, the probability map (<stem>_prob.tif, float32). Images are
-predicted in overlapping tiles and stitched without seams. Existing outputs
-are kept (so a rerun finishes an interrupted folder) unless --overwrite.
+Writes one mask per image (same stem, PNG, 0/255) to --output; a TIFF stack
+gives a mask stack (<stem>.tif, one page per slice, for Fiji and napari).
+Options add the probability map, labelled mitochondria with a measurements
+table, and overlay pictures. Images are predicted in overlapping tiles and
+stitched without seams. Existing outputs are kept (so a rerun finishes an
+interrupted folder) unless --overwrite.
 
 Examples:
   python prediction_mito.py --demo
   python prediction_mito.py --input my_slices/ --model models/unet_mito.h5 --output my_masks/
+  python prediction_mito.py --input stack.tif --output stack_out/ --instances --pixel-size 10 --overlays
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cli import Parser, add_debug_option, add_inference_options, inference_setup, run_cli  # noqa: E402
+from cli import Parser, add_debug_option, add_inference_options, inference_setup, positive_float, run_cli  # noqa: E402
 
 PROG = "prediction_mito.py"
 DEFAULT_MODEL = "models/unet_mito.h5"
@@ -29,12 +32,19 @@ DEMO = {"input": "dataset/demo/unlabeled", "model": "models/demo_unet.h5", "outp
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--input", help="folder of EM images, or one image file")
+    parser.add_argument("--input", help="folder of EM images, or one image file or multi-page TIFF stack")
     parser.add_argument("--demo", action="store_true", help=f"predict {DEMO['input']} with the demo model")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULT_MODEL}; demo: {DEMO['model']})")
     parser.add_argument("--output", help="folder for the masks (default: predictions/<input folder name>)")
     parser.add_argument("--recursive", action="store_true", help="also process images in subfolders, except labels/ folders (mirrored in --output)")
     parser.add_argument("--save-prob", action="store_true", help="also write the probability map as <stem>_prob.tif")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write labelled mitochondria (<stem>_instances.tif, uint16) and measurements.csv "
+                             "(one row per mitochondrion) and slices.csv (count, area fraction, mean size per slice)")
+    parser.add_argument("--pixel-size", type=positive_float,
+                        help="pixel size in nm: measurements also in nm and nm^2")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also write <stem>_overlay.png: the mask outlined and tinted on the EM image")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping those images")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)
@@ -82,12 +92,24 @@ def input_images(source: Path, recursive: bool) -> tuple[Path, list[Path]]:
     return source, images
 
 
+def output_paths(output: Path, relative: Path, stack: bool) -> dict[str, Path]:
+    """Where each output of one input goes: same stem; a stack's outputs are stacks too."""
+    stem = output / relative.with_suffix("")
+    return {
+        "mask": stem.with_suffix(".tif" if stack else ".png"),
+        "prob": stem.with_name(stem.name + "_prob.tif"),
+        "instances": stem.with_name(stem.name + "_instances.tif"),
+        "overlay": stem.with_name(stem.name + ("_overlay.tif" if stack else "_overlay.png")),
+    }
+
+
 def predict(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
     import data
     import unet
+    from metrics import label_instances, measure_mitochondria, slice_summary
 
     source, output = Path(args.input), Path(args.output)
     base, images = input_images(source, args.recursive)
@@ -104,38 +126,94 @@ def predict(args: argparse.Namespace) -> int:
         raise data.DataError(f"{output}: folder is not writable")
     data.remove_stale_partials(output, recursive=True)  # left by a run that was killed
     print(f"Model {args.model}: threshold {threshold:.2f}, tiles {tile_size}px with overlap {overlap}px")
-    print(f"Predicting {len(images)} images from {source} into {output}")
+    print(f"Predicting {len(images)} files from {source} into {output}")
 
     predict_fn = unet.make_predict_fn(model)
+    wanted_kinds = ["mask"] + [kind for kind, on in (("prob", args.save_prob), ("instances", args.instances),
+                                                      ("overlay", args.overlays)) if on]
     done = skipped = 0
-    failed = []
-    for path in tqdm(images, desc="predict", unit="image", file=sys.stderr):
-        target = output / path.relative_to(base).with_suffix(".png")
-        prob_target = target.with_name(target.stem + "_prob.tif")
-        wanted = [target] + ([prob_target] if args.save_prob else [])
-        missing = [file for file in wanted if args.overwrite or not file.exists()]
-        if not missing:
-            skipped += 1
-            continue
+    failed, measurements, summaries = [], [], []
+    for path in tqdm(images, desc="predict", unit="file", file=sys.stderr):
+        relative = path.relative_to(base)
         try:
-            image = data.normalize(data.read_image(path), settings["normalization"])
+            stack = data.count_slices(path) > 1
         except data.DataError as error:
             tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
             failed.append(path)
             continue
-        probability = data.predict_tiled(predict_fn, image, tile_size, overlap, align, args.batch_size)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if prob_target in missing:
-            data.write_image(prob_target, probability)
-        if target in missing:
-            data.write_image(target, np.where(probability >= threshold, 255, 0).astype(np.uint8))
-        done += 1
-    print(f"Wrote {done} masks to {output}" + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
+        targets = output_paths(output, relative, stack)
+        missing = {kind for kind in wanted_kinds if args.overwrite or not targets[kind].exists()}
+        if not missing and not args.instances:
+            skipped += 1
+            continue
+        try:
+            slices = data.read_slices(path) if missing - {"instances"} else None
+        except data.DataError as error:
+            tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        if missing & {"mask", "prob"}:
+            probability = np.stack([
+                data.predict_tiled(predict_fn, data.normalize(page, settings["normalization"]), tile_size, overlap,
+                                   align, args.batch_size)
+                for page in tqdm(slices, desc=path.name, unit="slice", leave=False, file=sys.stderr, disable=not stack)
+            ])
+            masks = (probability >= threshold).astype(np.uint8)
+        else:  # the masks exist: reuse them for the outputs derived from them
+            masks = (data.read_slices(targets["mask"]) > 0).astype(np.uint8)
+        targets["mask"].parent.mkdir(parents=True, exist_ok=True)
+        instances = np.stack([label_instances(mask) for mask in masks]) if args.instances else None
+        written = {
+            "prob": lambda: probability if stack else probability[0],
+            "mask": lambda: masks * 255 if stack else masks[0] * 255,
+            "instances": lambda: instances if stack else instances[0],
+            "overlay": lambda: _overlays(data, slices, masks, settings, stack),
+        }
+        for kind in ("prob", "instances", "overlay", "mask"):  # the mask last: it marks the file as done
+            if kind in missing:
+                data.write_image(targets[kind], written[kind]())
+        if args.instances:
+            for index, page in enumerate(instances):
+                key = {"image": str(relative), "slice": index}
+                summaries.append(key | slice_summary(page, args.pixel_size))
+                measurements.extend(key | row for row in measure_mitochondria(page, args.pixel_size))
+        if missing:
+            done += 1
+        else:
+            skipped += 1
+    if args.instances:
+        _write_csv(data, output / "measurements.csv", measurements)
+        _write_csv(data, output / "slices.csv", summaries)
+        print(f"Measured {len(measurements)} mitochondria in {len(summaries)} slices: "
+              f"{output / 'measurements.csv'}, {output / 'slices.csv'}")
+    print(f"Wrote outputs for {done} files to {output}"
+          + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
     if failed:
-        print(f"{PROG}: error: {len(failed)} of {len(images)} images could not be read: "
+        print(f"{PROG}: error: {len(failed)} of {len(images)} files could not be read: "
               + ", ".join(str(path) for path in failed), file=sys.stderr)
         return 2
     return 0
+
+
+def _overlays(data, slices, masks, settings, stack):
+    import numpy as np
+
+    pictures = [data.overlay(data.normalize(page, settings["normalization"]), [(mask, (255, 0, 255))], tint=mask)
+                for page, mask in zip(slices, masks)]
+    return np.stack(pictures) if stack else pictures[0]
+
+
+def _write_csv(data, path: Path, rows: list[dict]) -> None:
+    """Rows with the union of their keys as columns, written atomically."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["image", "slice"]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    data.atomic_write(path, lambda temporary: temporary.write_text(table.getvalue()))
 
 
 if __name__ == "__main__":

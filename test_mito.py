@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULTS['model']}; demo: {DEMO['model']})")
     parser.add_argument("--output", help="folder for scores.csv and summary.json (default: results/<model name>)")
+    parser.add_argument("--overlays", action="store_true",
+                        help="also write overlays/<stem>.png: ground truth outlined in green, prediction in magenta")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)
     args = parser.parse_args(argv)
@@ -76,7 +78,12 @@ def evaluate(args: argparse.Namespace) -> int:
     rows, started = [], time.time()
     for pair, image, mask in tqdm(list(zip(pairs, images, masks)), desc="test", unit="image", file=sys.stderr):
         probability = data.predict_tiled(predict_fn, image, tile_size, overlap, align, args.batch_size)
-        rows.append({"image": pair.image.name, **segmentation_scores(probability >= threshold, mask)})
+        predicted = probability >= threshold
+        rows.append({"image": pair.image.name, **segmentation_scores(predicted, mask)})
+        if args.overlays:
+            (output / "overlays").mkdir(exist_ok=True)
+            picture = data.overlay(image, [(mask, (0, 255, 0)), (predicted, (255, 0, 255))])
+            data.write_image(output / "overlays" / f"{pair.image.stem}.png", picture)
     seconds = time.time() - started
     mean = mean_scores(rows)
 

@@ -106,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="TensorFlow op determinism: same seed and data give the same weights "
                             "(default: on without a GPU, off with one, where it costs speed)")
     train.add_argument("--workers", type=positive_int, default=2, help="threads preparing training tiles (default: 2)")
+    train.add_argument("--tensorboard", metavar="DIR", help="also log losses and metrics for TensorBoard to DIR")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
@@ -260,6 +261,7 @@ def train(args: argparse.Namespace) -> int:
                 checkpoints,
                 tf.keras.callbacks.CSVLogger(str(model_path.with_suffix(".csv")), append=bool(state)),
                 tf.keras.callbacks.TerminateOnNaN(),
+                *([tf.keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []),
             ],
             verbose=2 if not sys.stdout.isatty() else "auto",
         )
@@ -292,6 +294,8 @@ def train(args: argparse.Namespace) -> int:
 
 def tune_threshold_on_valid(model_path: Path, settings: dict, valid_images, valid_masks) -> tuple[float, float]:
     """Predict the validation images with the best model, as test and prediction will, and tune."""
+    from tqdm import tqdm
+
     import data
     import unet
     from metrics import tune_threshold
@@ -301,7 +305,7 @@ def tune_threshold_on_valid(model_path: Path, settings: dict, valid_images, vali
     align = unet.UNetConfig.from_dict(settings["unet"]).alignment
     probabilities = [
         data.predict_tiled(predict_fn, image, settings["tile_size"], settings["overlap"], align)
-        for image in valid_images
+        for image in tqdm(valid_images, desc="tune threshold", unit="image", file=sys.stderr)
     ]
     return tune_threshold(probabilities, valid_masks)
 

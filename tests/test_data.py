@@ -105,8 +105,11 @@ def test_unreadable_files_are_named(tmp_path):
         data.read_image(broken)
     stack = tmp_path / "stack.tif"
     tifffile.imwrite(stack, np.zeros((3, 8, 8), np.uint8))
-    with pytest.raises(DataError, match=r"stack.tif: expected a 2D grayscale image"):
+    with pytest.raises(DataError, match=r"stack.tif: a stack of 3 slices where one 2D image was expected"):
         data.read_image(stack)
+    tifffile.imwrite(stack, np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"stack.tif: expected a 2D grayscale image or a stack"):
+        data.read_slices(stack)
 
 
 def test_normalisation_maps_any_dtype_to_unit_range():
@@ -170,3 +173,27 @@ def test_demo_dataset_is_deterministic_and_in_our_layout(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.make_demo_dataset(first, shape=(96, 128), splits=splits)  # existing files are kept
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_stacks_round_trip_as_imagej_tiffs(tmp_path, dtype):
+    stack = (np.random.default_rng(0).random((5, 24, 31)) * 200).astype(dtype)
+    path = tmp_path / "stack.tif"
+    data.write_image(path, stack)
+    np.testing.assert_array_equal(data.read_slices(path), stack)
+    with tifffile.TiffFile(path) as tiff:
+        assert tiff.is_imagej and tiff.imagej_metadata["images"] == 5  # Fiji opens it as a Z stack
+    single = tmp_path / "single.png"
+    data.write_image(single, stack[0].astype(np.uint8))
+    assert data.read_slices(single).shape == (1, 24, 31)
+
+
+def test_overlay_draws_outlines_and_tint():
+    image = np.full((20, 20), 0.5, np.float32)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:15, 5:15] = 1
+    picture = data.overlay(image, [(mask, (255, 0, 255))], tint=mask)
+    assert picture.shape == (20, 20, 3) and picture.dtype == np.uint8
+    assert tuple(picture[5, 10]) == (255, 0, 255)  # the outline
+    assert picture[10, 10, 1] > picture[10, 10, 0]  # green tint inside
+    assert tuple(picture[0, 0]) == (127, 127, 127)  # untouched outside

@@ -77,3 +77,31 @@ def test_threshold_tuning_finds_the_separating_threshold():
     assert iou == pytest.approx(1.0)
     # At 0.5 some background counts as foreground: the tuned threshold is strictly better.
     assert segmentation_scores(probability >= 0.5, mask)["iou"] < iou
+
+
+def test_measurements_of_known_objects():
+    from metrics import label_instances, measure_mitochondria, slice_summary
+
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:20, 10:40] = 1  # a 10 x 30 rectangle: 300 px
+    mask[40:50, 50:55] = 1  # a 10 x 5 rectangle: 50 px
+    yy, xx = np.mgrid[:60, :80]
+    mask[(yy - 45) ** 2 + (xx - 20) ** 2 <= 36] = 1  # a disc of radius 6
+    instances = label_instances(mask)
+    assert instances.dtype == np.uint16 and instances.max() == 3
+    rows = measure_mitochondria(instances, pixel_size=5.0)
+    by_area = sorted(rows, key=lambda row: row["area_px"])
+    disc_area = int(((yy - 45) ** 2 + (xx - 20) ** 2 <= 36).sum())
+    assert [row["area_px"] for row in by_area] == [50, disc_area, 300]
+    rectangle = by_area[-1]
+    assert rectangle["centroid_y_px"] == pytest.approx(14.5) and rectangle["centroid_x_px"] == pytest.approx(24.5)
+    assert rectangle["major_axis_px"] > 2.5 * rectangle["minor_axis_px"]
+    assert rectangle["solidity"] == pytest.approx(1.0)
+    assert by_area[1]["eccentricity"] < 0.3  # the disc is round
+    assert rectangle["area_nm2"] == pytest.approx(300 * 25) and rectangle["centroid_x_nm"] == pytest.approx(122.5)
+    summary = slice_summary(instances, pixel_size=5.0)
+    assert summary["count"] == 3
+    assert summary["area_fraction"] == pytest.approx((350 + disc_area) / (60 * 80))
+    assert summary["mean_area_nm2"] == pytest.approx((350 + disc_area) / 3 * 25)
+    assert measure_mitochondria(np.zeros((5, 5), np.uint16)) == []
+    assert "area_nm2" not in measure_mitochondria(instances)[0]

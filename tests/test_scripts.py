@@ -177,3 +177,71 @@ def test_demo_training_generates_data_trains_and_scores(tmp_path, monkeypatch, c
     assert "Scoring the demo model" in capsys.readouterr().out
     summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
     assert summary["images"] == 2
+
+
+def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(tiny_model, tmp_path):
+    import csv
+
+    from metrics import label_instances
+
+    rng = np.random.default_rng(2)
+    stack = (rng.random((3, 70, 90)) * 4000).astype(np.uint16)  # 16-bit, like many microscopes
+    tifffile.imwrite(tmp_path / "volume.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    output = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "volume.tif"), "--model", str(tiny_model), "--output", str(output),
+            "--instances", "--pixel-size", "8", "--overlays", "--save-prob", "--threshold", "0.3"]
+    assert prediction_mito.main(argv) == 0
+    masks = tifffile.imread(output / "volume.tif")
+    assert masks.shape == (3, 70, 90) and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 255}
+    with tifffile.TiffFile(output / "volume.tif") as tiff:
+        assert tiff.is_imagej and tiff.imagej_metadata["images"] == 3  # one Z stack in Fiji / napari
+    instances = tifffile.imread(output / "volume_instances.tif")
+    assert instances.shape == masks.shape and instances.dtype == np.uint16
+    assert np.array_equal(instances > 0, masks > 0)
+    assert tifffile.imread(output / "volume_prob.tif").shape == (3, 70, 90)
+    assert tifffile.imread(output / "volume_overlay.tif").shape == (3, 70, 90, 3)
+    with open(output / "measurements.csv") as file:
+        rows = list(csv.DictReader(file))
+    with open(output / "slices.csv") as file:
+        slices = list(csv.DictReader(file))
+    assert [int(row["slice"]) for row in slices] == [0, 1, 2]
+    for index, page in enumerate(masks):
+        expected = label_instances(page)
+        assert int(slices[index]["count"]) == expected.max()
+        page_rows = [row for row in rows if int(row["slice"]) == index]
+        assert len(page_rows) == expected.max()
+        assert sum(float(row["area_px"]) for row in page_rows) == (page > 0).sum()
+    if rows:
+        assert float(rows[0]["area_nm2"]) == float(rows[0]["area_px"]) * 64
+
+
+def test_instances_and_overlays_for_a_folder_and_a_rerun_that_adds_them(tiny_model, small_dataset, tmp_path):
+    source, output = small_dataset / "unlabeled", tmp_path / "out"
+    base = ["--input", str(source), "--model", str(tiny_model), "--output", str(output), "--threshold", "0.3"]
+    assert prediction_mito.main(base) == 0
+    masks_before = {path.name: path.read_bytes() for path in output.glob("*.png")}
+    assert prediction_mito.main(base + ["--instances", "--overlays"]) == 0  # derived from the existing masks
+    assert {path.name: path.read_bytes() for path in output.glob("[!.]*[0-9].png")} == masks_before
+    for name in masks_before:
+        stem = name.removesuffix(".png")
+        mask = iio.imread(output / name)
+        assert tifffile.imread(output / f"{stem}_instances.tif").shape == mask.shape
+        assert iio.imread(output / f"{stem}_overlay.png").shape == (*mask.shape, 3)
+    assert (output / "measurements.csv").read_text().startswith("image,slice,label,area_px")
+
+
+def test_test_script_overlays_show_truth_and_prediction(tiny_model, small_dataset, tmp_path):
+    output = tmp_path / "scores"
+    assert test_mito.main(["--model", str(tiny_model), "--dataset", str(small_dataset), "--output", str(output),
+                           "--overlays"]) == 0
+    pictures = list((output / "overlays").glob("*.png"))
+    assert len(pictures) == 1 and iio.imread(pictures[0]).shape == (160, 200, 3)
+
+
+def test_training_can_log_for_tensorboard(small_dataset, tmp_path):
+    import training_mito
+
+    logs = tmp_path / "tb"
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"),
+                               *TINY_TRAINING, "--tensorboard", str(logs)]) == 0
+    assert list(logs.rglob("events.out.tfevents.*"))
