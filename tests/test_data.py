@@ -121,7 +121,7 @@ def test_normalisation_maps_any_dtype_to_unit_range():
     dim = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 16)
     np.testing.assert_allclose(data.normalize(dim), data.normalize(ramp8), atol=1e-6)
     stretched = data.normalize(ramp8)
-    assert stretched.min() == 0 and stretched.max() == 1
+    assert stretched.dtype == np.float32 and stretched.min() == 0 and stretched.max() == 1
     assert data.normalize(np.full((4, 4), 7, np.uint8)).max() <= 1  # flat images do not divide by zero
     with pytest.raises(DataError, match="unknown normalisation"):
         data.normalize(ramp8, {"mode": "zscore"})
