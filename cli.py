@@ -66,25 +66,35 @@ def probability(text: str) -> float:
 
 
 def add_inference_options(group) -> None:
-    """Tiling options of test and prediction; None means 'the model's JSON value'."""
+    """Options of test and prediction; None means 'the model's JSON value'."""
     group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's, 1024)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
     group.add_argument("--threshold", type=probability,
                        help="probability threshold (default: the model's, tuned on the validation split)")
+    group.add_argument("--min-size", type=non_negative_int,
+                       help="remove objects smaller than this many pixels (default: the model's, tuned on valid)")
+    group.add_argument("--max-hole", type=non_negative_int,
+                       help="fill holes of at most this many pixels (default: the model's, tuned on valid)")
+    group.add_argument("--no-postprocess", action="store_true", help="keep the thresholded mask as it is")
+    group.add_argument("--tta", action="store_true",
+                       help="test-time augmentation: average the 8 flips/rotations (8 times slower)")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
 
 
-def inference_setup(args, settings: dict) -> tuple[int, int, float]:
-    """Tile size, overlap and threshold: the explicit options, else the model's settings."""
-    from data import DataError
+def make_segmenter(args, model, settings: dict):
+    """A unet.Segmenter from the inference options, the model's settings filling the gaps."""
+    import unet
 
-    tile_size = args.tile_size if args.tile_size is not None else settings["tile_size"]
-    overlap = args.overlap if args.overlap is not None else settings["overlap"]
-    threshold = args.threshold if args.threshold is not None else settings["threshold"]
-    if overlap >= tile_size:
-        raise DataError(f"--overlap {overlap} must be smaller than --tile-size {tile_size}")
-    return tile_size, overlap, threshold
+    postprocess = dict(settings.get("postprocess") or {})
+    if args.min_size is not None:
+        postprocess["min_size"] = args.min_size
+    if args.max_hole is not None:
+        postprocess["max_hole"] = args.max_hole
+    if args.no_postprocess:
+        postprocess = {}
+    return unet.Segmenter(model, settings, args.tile_size, args.overlap, args.threshold, postprocess,
+                          args.tta, args.batch_size)
 
 
 def add_debug_option(parser) -> None:

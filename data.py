@@ -334,6 +334,13 @@ GEOMETRIC_AUGMENTATION = dict(
 )
 # Intensity changes, applied to the image only.
 INTENSITY_AUGMENTATION = dict(brightness=0.1, contrast=0.2, gamma=1.3, noise=0.03)
+# Stronger intensity changes (and blur) for slices whose brightness, contrast or focus vary.
+STRONG_INTENSITY_AUGMENTATION = dict(brightness=0.15, contrast=0.35, gamma=1.6, noise=0.05, blur=1.5)
+AUGMENTATIONS = {
+    "none": (None, None),
+    "standard": (GEOMETRIC_AUGMENTATION, INTENSITY_AUGMENTATION),
+    "strong": (GEOMETRIC_AUGMENTATION, STRONG_INTENSITY_AUGMENTATION),
+}
 
 # get_random_transform seeds NumPy's global generator; serialise those calls so
 # that threaded data loading stays deterministic.
@@ -361,8 +368,12 @@ def augment_pair(generator, image: np.ndarray, mask: np.ndarray, rng: np.random.
     return image.astype(np.float32), (mask > 0.5).astype(np.uint8)
 
 
-def jitter_intensity(image, rng, brightness=0.0, contrast=0.0, gamma=1.0, noise=0.0):
-    """Random brightness shift, contrast scaling, gamma and Gaussian noise; clipped to [0, 1]."""
+def jitter_intensity(image, rng, brightness=0.0, contrast=0.0, gamma=1.0, noise=0.0, blur=0.0):
+    """Random blur (half the time), gamma, contrast, brightness and Gaussian noise; clipped to [0, 1]."""
+    if blur and rng.random() < 0.5:
+        from scipy import ndimage
+
+        image = ndimage.gaussian_filter(image, rng.uniform(0.3, blur))
     image = np.clip(image, 0.0, 1.0) ** np.exp(rng.uniform(-np.log(gamma), np.log(gamma)))
     mean = image.mean()
     image = (image - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean + rng.uniform(-brightness, brightness)
@@ -588,6 +599,48 @@ def predict_whole(predict_fn, image: np.ndarray, margin: int, align: int = 1) ->
     padded = np.pad(np.asarray(image, np.float32), pad, mode="reflect")
     result = np.asarray(predict_fn(padded[None, ..., None]), np.float32).reshape(padded.shape)
     return result[margin : margin + image.shape[0], margin : margin + image.shape[1]]
+
+
+def with_tta(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: average ``predict_fn`` over the 8 flips and 90-degree rotations.
+
+    Each of the 8 transforms of a batch (n, y, x, 1) is predicted and mapped
+    back by the inverse transform before averaging, so the result has the
+    input's shape and orientation. Costs 8 predictions; for predict_tiled,
+    tiles must be square or have both sides aligned (they are).
+    """
+
+    def predict(batch):
+        batch = np.asarray(batch, np.float32)
+        total = np.zeros(batch.shape, np.float32)
+        for flip in (False, True):
+            flipped = batch[:, :, ::-1] if flip else batch
+            for quarter_turns in range(4):
+                turned = np.rot90(flipped, quarter_turns, axes=(1, 2))
+                result = np.asarray(predict_fn(np.ascontiguousarray(turned)), np.float32).reshape(turned.shape)
+                result = np.rot90(result, -quarter_turns, axes=(1, 2))
+                total += result[:, :, ::-1] if flip else result
+        return total / 8
+
+    return predict
+
+
+def postprocess(mask: np.ndarray, options: dict | None) -> np.ndarray:
+    """Remove objects smaller than ``min_size`` pixels, then fill holes of at most ``max_hole`` pixels.
+
+    mask: (y, x) with nonzero foreground. options: ``{"min_size": int,
+    "max_hole": int}`` as tuned on the validation split and stored in the
+    model's JSON; None or zeros leave the mask as it is. Returns bool (y, x).
+    """
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    mask = np.asarray(mask) > 0
+    options = options or {}
+    if options.get("min_size", 0) > 1:
+        mask = remove_small_objects(mask, max_size=options["min_size"] - 1)
+    if options.get("max_hole", 0) > 0:
+        mask = remove_small_holes(mask, max_size=options["max_hole"])
+    return mask
 
 
 # --- the built-in synthetic demo --------------------------------------------------

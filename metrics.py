@@ -107,6 +107,26 @@ def tune_threshold(probabilities, masks, thresholds=None) -> tuple[float, float]
     return best
 
 
+def tune_postprocess(masks, truths, min_sizes=(0, 16, 32, 64, 128, 256, 512), max_holes=(0, 16, 64, 256, 1024)):
+    """The small-object and hole sizes with the best foreground IoU over all pixels.
+
+    masks: thresholded predictions (list of (y, x) bool); truths: the labels.
+    Returns ({"min_size": int, "max_hole": int}, IoU). Ties keep the gentler setting.
+    """
+    from data import postprocess
+
+    best = ({"min_size": 0, "max_hole": 0}, -1.0)
+    for min_size in min_sizes:
+        for max_hole in max_holes:
+            options = {"min_size": int(min_size), "max_hole": int(max_hole)}
+            counts = np.sum([confusion_counts(postprocess(mask, options), truth)[:3]
+                             for mask, truth in zip(masks, truths)], axis=0)
+            iou = _ratio(counts[0], counts.sum())
+            if iou > best[1] + 1e-9:
+                best = (options, float(iou))
+    return best
+
+
 # --- per-mitochondrion measurements ---------------------------------------------
 
 _REGION_PROPERTIES = {

@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cli import Parser, add_debug_option, add_inference_options, inference_setup, positive_float, run_cli  # noqa: E402
+from cli import Parser, add_debug_option, add_inference_options, make_segmenter, positive_float, run_cli  # noqa: E402
 
 PROG = "prediction_mito.py"
 DEFAULT_MODEL = "models/unet_mito.h5"
@@ -116,8 +116,7 @@ def predict(args: argparse.Namespace) -> int:
     if output.resolve() == base.resolve():
         raise data.DataError(f"{output}: refusing to write masks into the input folder; choose another --output")
     model, settings = unet.load_model(args.model)
-    tile_size, overlap, threshold = inference_setup(args, settings)
-    align = unet.UNetConfig.from_dict(settings["unet"]).alignment
+    segmenter = make_segmenter(args, model, settings)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -125,10 +124,9 @@ def predict(args: argparse.Namespace) -> int:
     if not os.access(output, os.W_OK):
         raise data.DataError(f"{output}: folder is not writable")
     data.remove_stale_partials(output, recursive=True)  # left by a run that was killed
-    print(f"Model {args.model}: threshold {threshold:.2f}, tiles {tile_size}px with overlap {overlap}px")
+    print(f"Model {args.model}: {segmenter.describe()}")
     print(f"Predicting {len(images)} files from {source} into {output}")
 
-    predict_fn = unet.make_predict_fn(model)
     wanted_kinds = ["mask"] + [kind for kind, on in (("prob", args.save_prob), ("instances", args.instances),
                                                       ("overlay", args.overlays)) if on]
     done = skipped = 0
@@ -154,11 +152,10 @@ def predict(args: argparse.Namespace) -> int:
             continue
         if missing & {"mask", "prob"}:
             probability = np.stack([
-                data.predict_tiled(predict_fn, data.normalize(page, settings["normalization"]), tile_size, overlap,
-                                   align, args.batch_size)
+                segmenter.probability(data.normalize(page, settings["normalization"]))
                 for page in tqdm(slices, desc=path.name, unit="slice", leave=False, file=sys.stderr, disable=not stack)
             ])
-            masks = (probability >= threshold).astype(np.uint8)
+            masks = np.stack([segmenter.mask(page) for page in probability]).astype(np.uint8)
         else:  # the masks exist: reuse them for the outputs derived from them
             masks = (data.read_slices(targets["mask"]) > 0).astype(np.uint8)
         targets["mask"].parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from cli import Parser, add_debug_option, add_inference_options, inference_setup, run_cli  # noqa: E402
+from cli import Parser, add_debug_option, add_inference_options, make_segmenter, run_cli  # noqa: E402
 
 PROG = "test_mito.py"
 DEFAULTS = {"dataset": "dataset/SNEMI3D_mito", "model": "models/unet_mito.h5"}
@@ -63,22 +63,19 @@ def evaluate(args: argparse.Namespace) -> int:
     from metrics import SCORE_NAMES, mean_scores, segmentation_scores
 
     model, settings = unet.load_model(args.model)
-    tile_size, overlap, threshold = inference_setup(args, settings)
-    align = unet.UNetConfig.from_dict(settings["unet"]).alignment
+    segmenter = make_segmenter(args, model, settings)
     pairs, images, masks = data.load_split(args.dataset, args.split, settings["normalization"])
     output = Path(args.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise data.DataError(f"{output}: cannot create the output folder ({error.strerror})") from None
-    print(f"Model {args.model}: threshold {threshold:.2f}, tiles {tile_size}px with overlap {overlap}px")
+    print(f"Model {args.model}: {segmenter.describe()}")
     print(f"Scoring {len(pairs)} images of {Path(args.dataset) / args.split}")
 
-    predict_fn = unet.make_predict_fn(model)
     rows, started = [], time.time()
     for pair, image, mask in tqdm(list(zip(pairs, images, masks)), desc="test", unit="image", file=sys.stderr):
-        probability = data.predict_tiled(predict_fn, image, tile_size, overlap, align, args.batch_size)
-        predicted = probability >= threshold
+        predicted = segmenter.mask(segmenter.probability(image))
         rows.append({"image": pair.image.name, **segmentation_scores(predicted, mask)})
         if args.overlays:
             (output / "overlays").mkdir(exist_ok=True)
@@ -102,9 +99,11 @@ def evaluate(args: argparse.Namespace) -> int:
         "dataset": str(Path(args.dataset).resolve()),
         "split": args.split,
         "images": len(rows),
-        "threshold": threshold,
-        "tile_size": tile_size,
-        "overlap": overlap,
+        "threshold": segmenter.threshold,
+        "postprocess": segmenter.postprocess,
+        "tta": segmenter.tta,
+        "tile_size": segmenter.tile_size,
+        "overlap": segmenter.overlap,
         "mean": {name: round(value, 6) for name, value in mean.items()},
         "seconds_per_image": round(seconds / len(rows), 3),
         "pixels_scored": int(sum(mask.size for mask in masks)),

@@ -24,7 +24,8 @@ from cli import Parser, add_debug_option, positive_float, positive_int, run_cli 
 PROG = "training_mito.py"
 # Every option's value when it is not given, per preset; explicit options win.
 PRESETS = {
-    "default": dict(
+    # The faithful U-Net (Ronneberger et al. 2015, as the Keras example writes it), for a GPU.
+    "gpu": dict(
         dataset="dataset/SNEMI3D_mito",
         model="models/unet_mito.h5",
         epochs=100,
@@ -37,7 +38,34 @@ PRESETS = {
         head_filters=2,
         batch_norm=False,
         learning_rate=1e-4,
+        lr_schedule="constant",
         loss="bce",
+        foreground_weight=1.0,
+        augmentation="standard",
+        monitor="val_loss",
+        patience=0,
+    ),
+    # A small, fast U-Net that trains within 30 minutes on 2 CPU cores (chosen on the real
+    # sample's validation split; see README "Results on real EM").
+    "cpu": dict(
+        dataset="dataset/SNEMI3D_mito",
+        model="models/unet_mito.h5",
+        epochs=36,
+        steps_per_epoch=40,
+        batch_size=8,
+        tile_size=128,
+        filters=16,
+        depth=4,
+        dropout=0.1,
+        head_filters=0,
+        batch_norm=True,
+        learning_rate=2e-3,
+        lr_schedule="cosine",
+        loss="bce_dice",
+        foreground_weight=1.0,
+        augmentation="strong",
+        monitor="val_loss",
+        patience=0,
     ),
     "demo": dict(
         dataset="dataset/demo",
@@ -52,13 +80,19 @@ PRESETS = {
         head_filters=0,
         batch_norm=False,
         learning_rate=2e-3,
+        lr_schedule="constant",
         loss="bce_dice",
+        foreground_weight=1.0,
+        augmentation="standard",
+        monitor="val_loss",
+        patience=0,
     ),
 }
 # Options a resumed run takes from the interrupted one (all but --epochs, which may grow).
 RUN_OPTIONS = (
-    "dataset", "normalization", "augment", "steps_per_epoch", "batch_size", "tile_size", "filters",
-    "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "loss", "seed", "deterministic",
+    "preset", "dataset", "normalization", "augmentation", "steps_per_epoch", "batch_size", "tile_size", "filters",
+    "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "lr_schedule", "loss", "foreground_weight",
+    "monitor", "patience", "seed", "deterministic",
 )
 
 
@@ -66,18 +100,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description=__doc__)
 
     def default(key):
-        return f"(default: {PRESETS['default'][key]}; demo: {PRESETS['demo'][key]})"
+        values = "; ".join(f"{name}: {preset[key]}" for name, preset in PRESETS.items())
+        return f"(default {values})"
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--preset", choices=["gpu", "cpu"],
+                        help="defaults for every option below: 'gpu' is the faithful 64-filter U-Net for a GPU "
+                             "workstation (the default), 'cpu' a small U-Net that trains in under 30 minutes on "
+                             "2 CPU cores; explicit options override the preset")
+    recipe.add_argument("--demo", action="store_true",
+                        help="use the synthetic demo (made in dataset/demo if absent) and a CPU-sized model, "
+                             "then score it on the demo test split")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--demo", action="store_true",
-                      help="use the synthetic demo (made in dataset/demo if absent) and a CPU-sized model, "
-                           "then score it on the demo test split")
     data.add_argument("--dataset", help=f"dataset root with train/ and valid/ {default('dataset')}")
     data.add_argument("--normalization", choices=["percentile", "range"], default="percentile",
                       help="per-image 1-99.8 percentile stretch, or division by the dtype's maximum "
                            "(default: percentile)")
-    data.add_argument("--no-augment", dest="augment", action="store_false",
-                      help="train on plain random tiles, without geometric and intensity augmentation")
+    data.add_argument("--augmentation", choices=["none", "standard", "strong"],
+                      help="geometric (rotation, shift, shear, zoom, flips) plus intensity changes (brightness, "
+                           "contrast, gamma, noise; 'strong' also blur and wider ranges) "
+                           f"{default('augmentation')}")
+    data.add_argument("--no-augment", dest="augmentation", action="store_const", const="none",
+                      help="the same as --augmentation none")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help=f"output .h5 file; its settings go to the .json beside it {default('model')}")
@@ -100,7 +145,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--tile-size", type=positive_int,
                        help=f"training tile side in pixels, rounded up to a multiple of 2**depth {default('tile_size')}")
     train.add_argument("--learning-rate", type=positive_float, help=default("learning_rate"))
+    train.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                       help=f"cosine decays the learning rate to 1%% over all steps {default('lr_schedule')}")
     train.add_argument("--loss", choices=["bce", "dice", "bce_dice"], help=default("loss"))
+    train.add_argument("--foreground-weight", type=positive_float,
+                       help=f"weight of mitochondria pixels in the cross-entropy {default('foreground_weight')}")
+    train.add_argument("--monitor", choices=["val_loss", "val_iou"],
+                       help=f"validation score that picks the saved model and drives --patience {default('monitor')}")
+    train.add_argument("--patience", type=int,
+                       help=f"stop after this many epochs without a better --monitor, 0 never {default('patience')}")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     train.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                        help="TensorFlow op determinism: same seed and data give the same weights "
@@ -110,7 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_debug_option(parser)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
-    preset = PRESETS["demo" if args.demo else "default"]
+    if args.demo and args.preset:
+        parser.error("--demo brings its own preset; leave out --preset")
+    args.preset = "demo" if args.demo else args.preset or "gpu"
+    preset = PRESETS[args.preset]
     args.explicit = {key for key in preset if getattr(args, key) is not None}
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -202,9 +258,12 @@ def train(args: argparse.Namespace) -> int:
           f"dropout {config.dropout}, batch norm {config.batch_norm})")
     print(f"Replicas    {replicas} ({', '.join(strategy.extended.worker_devices)}); "
           f"batch {args.batch_size} per replica, global batch {global_batch}")
-    print(f"Training    {args.epochs} epochs x {args.steps_per_epoch} steps, tiles {args.tile_size}px, "
-          f"lr {args.learning_rate}, loss {args.loss}, augmentation {'on' if args.augment else 'off'}, "
-          f"seed {args.seed}, deterministic {'on' if args.deterministic else 'off'}")
+    print(f"Training    preset {args.preset}: {args.epochs} epochs x {args.steps_per_epoch} steps, "
+          f"tiles {args.tile_size}px, lr {args.learning_rate} ({args.lr_schedule}), loss {args.loss}"
+          f"{f' (foreground x{args.foreground_weight:g})' if args.foreground_weight != 1 else ''}, "
+          f"augmentation {args.augmentation}, best by {args.monitor}"
+          f"{f', patience {args.patience}' if args.patience else ''}, seed {args.seed}, "
+          f"deterministic {'on' if args.deterministic else 'off'}")
     if state:
         print(f"Resuming    after epoch {first_epoch} from {state['checkpoint']}, with that run's options")
 
@@ -212,10 +271,15 @@ def train(args: argparse.Namespace) -> int:
         if state:
             model = unet.load_resume_model(model_path, state)
         else:
-            model = unet.compile_unet(unet.build_unet(config), args.learning_rate, args.loss)
+            learning_rate = args.learning_rate
+            if args.lr_schedule == "cosine":
+                learning_rate = tf.keras.optimizers.schedules.CosineDecay(
+                    args.learning_rate, decay_steps=args.epochs * args.steps_per_epoch, alpha=0.01)
+            model = unet.compile_unet(unet.build_unet(config), learning_rate, args.loss, args.foreground_weight)
+    geometry, intensity = data.AUGMENTATIONS[args.augmentation]
     train_tiles = data.TrainingTiles(
         train_images, train_masks, args.tile_size, global_batch, args.steps_per_epoch,
-        augment=args.augment, seed=args.seed,
+        augment=args.augmentation != "none", seed=args.seed, geometry=geometry, intensity=intensity,
     )
     valid_x, valid_y = data.grid_tiles(valid_images, valid_masks, args.tile_size)
     options = {key: getattr(args, key) for key in RUN_OPTIONS} | {"epochs": args.epochs}
@@ -247,7 +311,7 @@ def train(args: argparse.Namespace) -> int:
     if state:
         settings["training"].setdefault("resumed", []).append({"after_epoch": first_epoch, "command": args.command})
         settings["training"]["options"]["epochs"] = args.epochs
-    checkpoints = unet.TrainingCheckpoints(model_path, settings, options, state)
+    checkpoints = unet.TrainingCheckpoints(model_path, settings, options, state, args.monitor, args.patience)
     if first_epoch < args.epochs:
         model.fit(
             train_tiles.dataset(first_epoch, args.epochs, args.workers),
@@ -268,21 +332,24 @@ def train(args: argparse.Namespace) -> int:
     if checkpoints.best_epoch is None:
         raise unet.ModelError(f"{model_path}: training produced no valid checkpoint (loss was NaN?)")
     seconds = time.time() - started
-    threshold, valid_iou = tune_threshold_on_valid(model_path, settings, valid_images, valid_masks)
+    threshold, postprocess, valid_iou = tune_on_valid(model_path, settings, valid_images, valid_masks)
     settings.update(
         threshold=threshold,
+        postprocess=postprocess,
         threshold_tuned_on=f"valid ({len(valid_pairs)} images)",
         threshold_valid_iou=round(valid_iou, 4),
     )
     settings["training"].update(
         best_epoch=checkpoints.best_epoch,
-        best_val_loss=checkpoints.best,
+        **{f"best_{args.monitor}": checkpoints.best},
         seconds=round(seconds + (state["settings"]["training"].get("seconds", 0) if state else 0), 1),
     )
     unet.write_json(unet.settings_path(model_path), settings)
     plot_curves(settings["history"], model_path.with_name(settings["curves_png"]))
-    print(f"Best epoch  {checkpoints.best_epoch} (val_loss {checkpoints.best:.4f}) saved to {model_path}")
-    print(f"Threshold   {threshold:.2f} (validation IoU {valid_iou:.4f}) stored in {unet.settings_path(model_path)}")
+    print(f"Best epoch  {checkpoints.best_epoch} ({args.monitor} {checkpoints.best:.4f}) saved to {model_path}")
+    print(f"Threshold   {threshold:.2f}, post-processing: objects >= {postprocess['min_size']} px, holes <= "
+          f"{postprocess['max_hole']} px filled (validation IoU {valid_iou:.4f}); stored in "
+          f"{unet.settings_path(model_path)}")
     print(f"Took        {seconds:.0f} s")
     if args.demo:
         import test_mito
@@ -292,13 +359,14 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def tune_threshold_on_valid(model_path: Path, settings: dict, valid_images, valid_masks) -> tuple[float, float]:
-    """Predict the validation images with the best model, as test and prediction will, and tune."""
+def tune_on_valid(model_path: Path, settings: dict, valid_images, valid_masks) -> tuple[float, dict, float]:
+    """Predict the validation images with the best model, as test and prediction will, then
+    tune the threshold and the post-processing on them. Returns (threshold, postprocess, IoU)."""
     from tqdm import tqdm
 
     import data
     import unet
-    from metrics import tune_threshold
+    from metrics import tune_postprocess, tune_threshold
 
     best, _ = unet.load_model(model_path)
     predict_fn = unet.make_predict_fn(best)
@@ -307,7 +375,9 @@ def tune_threshold_on_valid(model_path: Path, settings: dict, valid_images, vali
         data.predict_tiled(predict_fn, image, settings["tile_size"], settings["overlap"], align)
         for image in tqdm(valid_images, desc="tune threshold", unit="image", file=sys.stderr)
     ]
-    return tune_threshold(probabilities, valid_masks)
+    threshold, _ = tune_threshold(probabilities, valid_masks)
+    postprocess, iou = tune_postprocess([probability >= threshold for probability in probabilities], valid_masks)
+    return threshold, postprocess, iou
 
 
 def plot_curves(history: dict, path: Path) -> None:

@@ -71,3 +71,70 @@ def test_grid_tiles_cover_every_pixel_once():
     rebuilt = np.block([[x[row * 2 + col, ..., 0] for col in range(2)] for row in range(3)])
     np.testing.assert_array_equal(rebuilt[:70, :45], image)
     np.testing.assert_array_equal(y[..., 0] == 1, x[..., 0] > 0.5)
+
+
+def dihedral_average(predict_fn, image):
+    """The 8 flips/rotations done by hand, independently of data.with_tta."""
+    results = []
+    for transform, inverse in [
+        (lambda a: a, lambda a: a),
+        (lambda a: np.rot90(a, 1), lambda a: np.rot90(a, -1)),
+        (lambda a: np.rot90(a, 2), lambda a: np.rot90(a, -2)),
+        (lambda a: np.rot90(a, 3), lambda a: np.rot90(a, -3)),
+        (lambda a: a[:, ::-1], lambda a: a[:, ::-1]),
+        (lambda a: np.rot90(a[:, ::-1], 1), lambda a: np.rot90(a, -1)[:, ::-1]),
+        (lambda a: np.rot90(a[:, ::-1], 2), lambda a: np.rot90(a, -2)[:, ::-1]),
+        (lambda a: np.rot90(a[:, ::-1], 3), lambda a: np.rot90(a, -3)[:, ::-1]),
+    ]:
+        transformed = np.ascontiguousarray(transform(image))
+        results.append(inverse(predict_fn(transformed[None, ..., None])[0, ..., 0]))
+    return np.mean(results, axis=0)
+
+
+def test_tta_inverts_every_flip_and_rotation():
+    config = unet.UNetConfig(depth=2, base_filters=4, dropout=0.0, kernel_initializer="he_normal")
+    predict_fn = unet.make_predict_fn(unet.build_unet(config))
+    image = np.random.default_rng(5).random((48, 80), dtype=np.float32)  # not square
+    tta = data.with_tta(predict_fn)
+    averaged = tta(image[None, ..., None])[0, ..., 0]
+    assert averaged.shape == image.shape
+    np.testing.assert_allclose(averaged, dihedral_average(predict_fn, image), atol=1e-6)
+    # Repeatable (to float rounding: oneDNN's kernels may sum in another order for another buffer).
+    np.testing.assert_allclose(averaged, tta(image[None, ..., None])[0, ..., 0], atol=1e-6)
+    plain = predict_fn(image[None, ..., None])[0, ..., 0]
+    assert np.abs(averaged - plain).max() > 1e-4  # the network is not symmetric: TTA changes something
+    # A position-dependent function exposes any transform that is not undone: identity stays identity.
+    identity = data.with_tta(lambda batch: batch * 1.0)
+    np.testing.assert_allclose(identity(image[None, ..., None])[0, ..., 0], image, atol=1e-6)
+    tiled = predict_tiled(tta, image, tile_size=32, overlap=8, align=4)
+    assert tiled.shape == image.shape
+
+
+def test_postprocess_removes_small_objects_and_fills_small_holes():
+    mask = np.zeros((40, 40), bool)
+    mask[2:5, 2:5] = True  # 9 px speck
+    mask[10:30, 10:30] = True  # 400 px object...
+    mask[18:21, 18:21] = False  # ...with a 9 px hole
+    mask[32:40, 0:40] = True
+    mask[35:37, 5:10] = False  # a 10 px hole
+    cleaned = data.postprocess(mask, {"min_size": 10, "max_hole": 9})
+    assert not cleaned[2:5, 2:5].any()
+    assert cleaned[18:21, 18:21].all()
+    assert not cleaned[35:37, 5:10].any()  # larger than max_hole: kept open
+    assert cleaned.sum() == mask.sum() - 9 + 9
+    np.testing.assert_array_equal(data.postprocess(mask, None), mask)
+    np.testing.assert_array_equal(data.postprocess(mask, {"min_size": 0, "max_hole": 0}), mask)
+
+
+def test_postprocess_tuning_finds_what_removes_false_positives():
+    from metrics import tune_postprocess
+
+    truth = np.zeros((60, 60), bool)
+    truth[10:40, 10:40] = True
+    predicted = truth.copy()
+    predicted[50:53, 50:53] = True  # specks the model wrongly found
+    predicted[2:4, 50:52] = True
+    predicted[20:22, 20:22] = False  # a hole it left
+    options, iou = tune_postprocess([predicted], [truth])
+    assert iou == 1.0
+    assert 9 < options["min_size"] <= 900 and options["max_hole"] >= 4
