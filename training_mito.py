@@ -45,26 +45,27 @@ PRESETS = {
         monitor="val_loss",
         patience=0,
     ),
-    # A small, fast U-Net that trains within 30 minutes on 2 CPU cores (chosen on the real
-    # sample's validation split; see README "Results on real EM").
+    # A small, fast U-Net that trains within 30 minutes on 2 CPU cores. Chosen on the real sample's
+    # validation split (README "Results on real EM"): with batch norm (momentum 0.9) it learns about
+    # twice as fast per step as without, and 8 base filters beat 16 at equal steps and run 1.6x faster.
     "cpu": dict(
         dataset="dataset/SNEMI3D_mito",
         model="models/unet_mito.h5",
-        epochs=36,
-        steps_per_epoch=40,
+        epochs=12,
+        steps_per_epoch=125,
         batch_size=8,
         tile_size=128,
-        filters=16,
+        filters=8,
         depth=4,
-        dropout=0.1,
+        dropout=0.0,
         head_filters=0,
         batch_norm=True,
-        learning_rate=2e-3,
+        learning_rate=3e-3,
         lr_schedule="cosine",
         loss="bce_dice",
         foreground_weight=1.0,
         augmentation="strong",
-        monitor="val_loss",
+        monitor="val_iou",
         patience=0,
     ),
     "demo": dict(
