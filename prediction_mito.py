@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pixel-size", type=positive_float,
                         help="pixel size in nm: measurements also in nm and nm^2")
     parser.add_argument("--overlays", action="store_true",
-                        help="also write <stem>_overlay.png: the mask outlined and tinted on the EM image")
+                        help="also write <stem>_overlay.png (a stack: <stem>_overlay.tif, RGB): the mask outlined and "
+                             "tinted on the EM image")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping those images")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)

@@ -96,9 +96,11 @@ def run(args) -> int:
         }
 
     print(f"Test split of {args.dataset} ({len(test_pairs)} slices), mean per slice:")
-    print(f"{'method':<34}" + "".join(f"{name:>12}" for name in ("IoU", "Dice", "precision", "recall", "Rand", "ARAND")))
+    print(f"{'method':<34}" + "".join(f"{name:>12}" for name in ("IoU", "Dice", "precision", "recall", "Rand", "ARAND",
+                                                                 "train s", "s/slice")))
     for name, scores in results.items():
-        print(f"{name:<34}" + "".join(f"{scores[key]:>12.4f}" for key in SCORE_NAMES))
+        print(f"{name:<34}" + "".join(f"{scores[key]:>12.4f}" for key in SCORE_NAMES)
+              + f"{scores['train_seconds']:>12.0f}{scores['seconds_per_slice']:>12.2f}")
     if args.model and len(results) == 3:
         unet_iou = list(results.values())[-1]["iou"]
         best_forest = max(scores["iou"] for name, scores in results.items() if name.startswith("random"))
