@@ -117,6 +117,21 @@ def _to_grayscale(image: np.ndarray, path: Path) -> np.ndarray:
     return np.round(luminance).astype(image.dtype) if image.dtype.kind in "ui" else luminance.astype(np.float32)
 
 
+def _gray_palette_mode(path: Path) -> str | None:
+    """'L' for a palette PNG whose colours are all grays (how many tools save 0/1 labels), else None.
+
+    Reading such a file as gray values keeps labels 0/1 exact and avoids a spurious colour warning.
+    """
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        if picture.mode != "P":
+            return None
+        palette = picture.getpalette() or []
+    colours = zip(palette[0::3], palette[1::3], palette[2::3])
+    return "L" if all(red == green == blue for red, green, blue in colours) else None
+
+
 def read_slices(path: str | os.PathLike) -> np.ndarray:
     """Read a 2D image or a TIFF stack as ``(slices, y, x)`` in the file's own dtype.
 
@@ -131,7 +146,7 @@ def read_slices(path: str | os.PathLike) -> np.ndarray:
                 series = tiff.series[0]
                 image, has_channels = series.asarray(), series.axes.endswith("S")
         else:
-            image = iio.imread(path, plugin="pillow")
+            image = iio.imread(path, plugin="pillow", mode=_gray_palette_mode(path))
             has_channels = image.ndim == 3
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None

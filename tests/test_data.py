@@ -197,3 +197,20 @@ def test_overlay_draws_outlines_and_tint():
     assert tuple(picture[5, 10]) == (255, 0, 255)  # the outline
     assert picture[10, 10, 1] > picture[10, 10, 0]  # green tint inside
     assert tuple(picture[0, 0]) == (127, 127, 127)  # untouched outside
+
+
+def test_gray_palette_labels_read_as_their_values_without_a_colour_warning(tmp_path):
+    """Labels saved as palette PNGs with a gray palette (like the real sample's) stay exactly 0/1."""
+    from PIL import Image
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 5:20] = 1
+    picture = Image.fromarray(mask, mode="P")
+    picture.putpalette([value for level in range(256) for value in (level, level, level)])
+    picture.save(tmp_path / "label.png")
+    data._warned_rgb = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        label = data.read_image(tmp_path / "label.png")
+    np.testing.assert_array_equal(label, mask)
+    data.check_label_values(label, tmp_path / "label.png")
