@@ -1,0 +1,49 @@
+"""The benchmark and figure scripts run end to end on the tiny model (seconds; the real runs are in the README)."""
+
+import importlib.util
+import json
+
+import numpy as np
+from conftest import REPO
+from PIL import Image
+
+
+def load_script(relative_path):
+    spec = importlib.util.spec_from_file_location(relative_path.replace("/", "_")[:-3], REPO / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_random_forest_baseline_scores_itself_beside_the_unet(tiny_model, small_dataset, tmp_path, capsys):
+    baseline = load_script("benchmarks/baseline_random_forest.py")
+    report = tmp_path / "comparison.json"
+    argv = ["--dataset", str(small_dataset), "--model", str(tiny_model), "--pixels", "4000", "--trees", "5",
+            "--output", str(report)]
+    assert baseline.main(argv) == 0
+    results = json.loads(report.read_text())["results"]
+    assert len(results) == 3  # the forest at 0.5 and at its tuned threshold, then the U-Net
+    for scores in results.values():
+        assert 0.0 <= scores["iou"] <= 1.0 and 0.0 <= scores["rand_index"] <= 1.0
+        assert scores["seconds_per_slice"] > 0
+    # On the synthetic data the dark mitochondria are easy for the filter features: a broken
+    # feature or label pipeline would land near 0.
+    assert max(scores["iou"] for name, scores in results.items() if name.startswith("random")) > 0.5
+    assert "U-Net IoU - best random forest IoU" in capsys.readouterr().out
+
+
+def test_robustness_benchmark_scores_every_perturbation(tiny_model, small_dataset, capsys):
+    robustness = load_script("benchmarks/robustness.py")
+    assert robustness.main(["--dataset", str(small_dataset), "--model", str(tiny_model)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    for name in robustness.perturbations():
+        row = next(line for line in table if line.startswith(name))
+        assert all(0.0 <= float(value) <= 1.0 for value in row[30:].split())
+
+
+def test_figure_script_draws_the_four_panels(tiny_model, small_dataset, tmp_path):
+    make_figure = load_script("misc/make_figure.py")
+    output = tmp_path / "fig.png"
+    assert make_figure.main(["--dataset", str(small_dataset), "--model", str(tiny_model), "--output", str(output)]) == 0
+    picture = np.asarray(Image.open(output))
+    assert picture.ndim == 3 and picture.shape[1] > 3 * picture.shape[0]  # four panels side by side
