@@ -449,11 +449,17 @@ class TrainingTiles:
         # Enough context that a rotated, zoomed-out tile is still inside the crop.
         self.context = int(math.ceil(tile_size * 0.35)) if augment else 0
 
-    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch, index])
-        x = np.empty((self.batch_size, self.tile_size, self.tile_size, 1), np.float32)
+    def batch(self, epoch: int, index: int, share: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``index`` of ``epoch``; with ``share=(k, n)``, the k-th of n equal parts of it.
+
+        Each part is drawn from its own generator, seeded by (seed, epoch, index, k): replicas
+        on different workers get different tiles without exchanging anything.
+        """
+        rng = np.random.default_rng([self.seed, epoch, index] + ([share[0]] if share else []))
+        size = self.batch_size // share[1] if share else self.batch_size
+        x = np.empty((size, self.tile_size, self.tile_size, 1), np.float32)
         y = np.empty_like(x)
-        for sample in range(self.batch_size):
+        for sample in range(size):
             image, mask = random_tile(self.images, self.masks, self.tile_size, rng, self.context)
             if self.augment:
                 image, mask = augment_pair(self.generator, image, mask, rng, self.intensity)
@@ -462,26 +468,40 @@ class TrainingTiles:
             x[sample, ..., 0], y[sample, ..., 0] = image, mask
         return x, y
 
-    def dataset(self, first_epoch: int, epochs: int, workers: int = 1):
+    def dataset(self, first_epoch: int, epochs: int, workers: int = 1, input_context=None):
         """A tf.data.Dataset of the batches of epochs first_epoch .. epochs - 1, in order.
 
         ``workers`` threads prepare batches in parallel; the order stays fixed.
         Use with ``fit(..., steps_per_epoch=self.steps_per_epoch, initial_epoch=first_epoch)``.
+
+        On one machine the batches are global batches, which the strategy splits among its
+        replicas. With a ``tf.distribute.InputContext`` (``distribute_datasets_from_function``,
+        several workers), this worker's pipeline yields only its replicas' parts of each global
+        batch, one per-replica batch per element: no two replicas see the same tiles in a step.
         """
         import tensorflow as tf
 
         steps = self.steps_per_epoch
-        shape = (self.batch_size, self.tile_size, self.tile_size, 1)
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        if self.batch_size % replicas:
+            raise DataError(f"global batch {self.batch_size} does not split evenly among {replicas} replicas")
+        local = replicas // input_context.num_input_pipelines if input_context else 1
+        first_replica = input_context.input_pipeline_id * local if input_context else 0
+        shape = (self.batch_size // replicas, self.tile_size, self.tile_size, 1)
 
-        def load(step):
-            x, y = tf.numpy_function(lambda s: self.batch(int(s) // steps, int(s) % steps), [step],
-                                     (tf.float32, tf.float32), stateful=False)
+        def make(element):
+            step, replica = divmod(int(element), local)
+            share = (first_replica + replica, replicas) if input_context else None
+            return self.batch(step // steps, step % steps, share)
+
+        def load(element):
+            x, y = tf.numpy_function(make, [element], (tf.float32, tf.float32), stateful=False)
             return tf.ensure_shape(x, shape), tf.ensure_shape(y, shape)
 
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        steps_range = tf.data.Dataset.range(first_epoch * steps, epochs * steps)
-        return (steps_range.map(load, num_parallel_calls=max(1, workers), deterministic=True)
+        elements = tf.data.Dataset.range(first_epoch * steps * local, epochs * steps * local)
+        return (elements.map(load, num_parallel_calls=max(1, workers), deterministic=True)
                 .prefetch(2).with_options(options))
 
 

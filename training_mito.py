@@ -10,10 +10,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +100,80 @@ RUN_OPTIONS = (
 )
 
 
+def devices_option(text: str) -> str:
+    """argparse type for --devices: 'all', 'cpu', 'cpu:N' or comma-separated GPU indices."""
+    text = text.strip().lower()
+    if text in ("all", "cpu"):
+        return text
+    count = text[4:] if text.startswith("cpu:") else None
+    if count is not None and count.isdigit() and int(count) >= 1:
+        return text
+    if count is None and all(part.strip().isdigit() for part in text.split(",")):
+        return ",".join(part.strip() for part in text.split(","))
+    raise argparse.ArgumentTypeError(f"expected 'all', 'cpu', 'cpu:N' or GPU indices like '0,1', got {text!r}")
+
+
+def cluster_workers() -> int:
+    """Number of machines (chief + workers) that TF_CONFIG names; 1 without TF_CONFIG."""
+    import json
+
+    from unet import ConfigError
+
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except (ValueError, AttributeError):
+        raise ConfigError("TF_CONFIG: not valid JSON of the form {\"cluster\": {...}, \"task\": {...}}") from None
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
+def make_strategy(devices: str = "all"):
+    """The tf.distribute strategy for --devices and TF_CONFIG; call before TensorFlow starts its runtime.
+
+    One machine: MirroredStrategy over the chosen GPUs (all visible ones by default), or the CPU,
+    optionally split into N logical devices. Several machines in TF_CONFIG: MultiWorkerMirroredStrategy,
+    which Keras 3 (3.15) cannot drive through fit (keras-team/keras#20585), so it needs the legacy
+    tf-keras (TF_USE_LEGACY_KERAS=1). Raises ConfigError for a device that is not there.
+    """
+    import tensorflow as tf
+
+    from unet import ConfigError
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if devices.startswith("cpu"):
+        tf.config.set_visible_devices([], "GPU")
+        if devices.startswith("cpu:"):
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * int(devices[4:]))
+    elif devices != "all":
+        indices = [int(index) for index in devices.split(",")]
+        missing = [index for index in indices if index >= len(gpus)]
+        if missing:
+            raise ConfigError(f"--devices {devices}: no GPU {missing[0]} (this machine shows {len(gpus)} GPUs; "
+                              "indices count from 0 among CUDA_VISIBLE_DEVICES)")
+        tf.config.set_visible_devices([gpus[index] for index in indices], "GPU")
+    if cluster_workers() > 1:
+        if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+            raise ConfigError("TF_CONFIG names several workers: multi-worker training needs the legacy tf-keras "
+                              "(Keras 3 fails in fit under MultiWorkerMirroredStrategy, keras-team/keras#20585): "
+                              "pip install --no-deps tf-keras==2.21.0, then run with TF_USE_LEGACY_KERAS=1")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if devices.startswith("cpu:"):
+        return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(int(devices[4:]))])
+    if devices == "cpu":
+        return tf.distribute.MirroredStrategy(["/cpu:0"])
+    return tf.distribute.MirroredStrategy()
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the outputs: always on one machine; with TF_CONFIG, the chief
+    (or worker 0 where the cluster has no chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description=__doc__)
 
@@ -160,6 +237,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="TensorFlow op determinism: same seed and data give the same weights "
                             "(default: on without a GPU, off with one, where it costs speed)")
     train.add_argument("--workers", type=positive_int, default=2, help="threads preparing training tiles (default: 2)")
+    train.add_argument("--devices", type=devices_option, default="all",
+                       help="'all' visible GPUs (else the CPU), GPU indices such as '0,1', 'cpu', or 'cpu:N' to split "
+                            "the CPU into N replicas (tests the multi-device path without GPUs) (default: all). "
+                            "With TF_CONFIG naming several workers, training runs on all of them")
     train.add_argument("--tensorboard", metavar="DIR", help="also log losses and metrics for TensorBoard to DIR")
     add_debug_option(parser)
     args = parser.parse_args(argv)
@@ -220,11 +301,18 @@ def train(args: argparse.Namespace) -> int:
     import unet
 
     started = time.time()
-    model_path = prepare_model_path(args, data, unet)
+    strategy = make_strategy(args.devices)
+    chief = is_chief(strategy)
+    model_path = prepare_model_path(args, data, unet) if chief else Path(args.model)
     state = None
     if args.resume:
         state = unet.read_resume_state(model_path)
         resume_options(args, state)
+    if not chief:  # other workers train alike but write into a folder that is removed at the end
+        scratch = Path(tempfile.mkdtemp(prefix="mito-worker-"))
+        atexit.register(shutil.rmtree, scratch, True)
+        model_path = scratch / model_path.name
+        args.tensorboard = args.tensorboard and str(scratch / "tensorboard")
     config = unet.UNetConfig(
         depth=args.depth,
         base_filters=args.filters,
@@ -250,14 +338,16 @@ def train(args: argparse.Namespace) -> int:
     if args.deterministic:
         tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(args.seed)
-    strategy = tf.distribute.MirroredStrategy()
     replicas = strategy.num_replicas_in_sync
     global_batch = args.batch_size * replicas
     first_epoch = state["epoch"] if state else 0
     print(f"Dataset     {args.dataset}: {len(train_images)} train, {len(valid_images)} valid images")
     print(f"Model       {model_path} (depth {config.depth}, {config.base_filters} base filters, "
           f"dropout {config.dropout}, batch norm {config.batch_norm})")
-    print(f"Replicas    {replicas} ({', '.join(strategy.extended.worker_devices)}); "
+    workers = cluster_workers()
+    print(f"Replicas    {replicas} ({', '.join(strategy.extended.worker_devices)}"
+          f"{f' on each of {workers} workers, this one the chief' if workers > 1 and chief else ''}"
+          f"{f' on each of {workers} workers, this one writing to {model_path.parent}' if not chief else ''}); "
           f"batch {args.batch_size} per replica, global batch {global_batch}")
     print(f"Training    preset {args.preset}: {args.epochs} epochs x {args.steps_per_epoch} steps, "
           f"tiles {args.tile_size}px, lr {args.learning_rate} ({args.lr_schedule}), loss {args.loss}"
@@ -297,6 +387,8 @@ def train(args: argparse.Namespace) -> int:
             "dataset": str(Path(args.dataset).resolve()),
             "options": options,
             "replicas": replicas,
+            "workers": workers,
+            "devices": args.devices,
             "global_batch_size": global_batch,
             "command": args.command,
             "versions": {
@@ -313,9 +405,14 @@ def train(args: argparse.Namespace) -> int:
         settings["training"].setdefault("resumed", []).append({"after_epoch": first_epoch, "command": args.command})
         settings["training"]["options"]["epochs"] = args.epochs
     checkpoints = unet.TrainingCheckpoints(model_path, settings, options, state, args.monitor, args.patience)
+    if workers > 1:  # each worker makes its own share of every global batch (TrainingTiles.dataset)
+        train_data = strategy.distribute_datasets_from_function(
+            lambda context: train_tiles.dataset(first_epoch, args.epochs, args.workers, context))
+    else:
+        train_data = train_tiles.dataset(first_epoch, args.epochs, args.workers)
     if first_epoch < args.epochs:
         model.fit(
-            train_tiles.dataset(first_epoch, args.epochs, args.workers),
+            train_data,
             steps_per_epoch=args.steps_per_epoch,
             initial_epoch=first_epoch,
             epochs=args.epochs,
@@ -332,6 +429,9 @@ def train(args: argparse.Namespace) -> int:
         )
     if checkpoints.best_epoch is None:
         raise unet.ModelError(f"{model_path}: training produced no valid checkpoint (loss was NaN?)")
+    if not chief:
+        print(f"Worker done ({time.time() - started:.0f} s); the chief writes the model")
+        return 0
     seconds = time.time() - started
     threshold, postprocess, valid_iou = tune_on_valid(model_path, settings, valid_images, valid_masks)
     settings.update(

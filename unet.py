@@ -289,12 +289,14 @@ def save_model(model: tf.keras.Model, path: str | os.PathLike, settings: dict | 
     if path.suffix != ".h5":
         raise ModelError(f"{path}: model files must end in .h5")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # HDF5 is this project's deliberate format; Keras 3 logs that it is legacy.
+    # HDF5 is this project's deliberate format; Keras 3 logs that it is legacy, tf-keras warns.
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        atomic_write(path, lambda temporary: model.save(temporary, include_optimizer=False))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+            atomic_write(path, lambda temporary: model.save(temporary, include_optimizer=False))
     finally:
         absl_logger.setLevel(level)
     if settings is not None:

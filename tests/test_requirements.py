@@ -29,3 +29,12 @@ def test_pipfile_and_requirements_pin_the_same_versions():
     assert gpu.pop("tensorflow") == requirements["tensorflow"]
     runtime = pins(REPO / "requirements.txt")
     assert gpu == {name: version for name, version in runtime.items() if name not in ("tensorflow", "tensorflow-cpu")}
+
+
+def test_multiworker_pins_match_pipfile_and_tensorflow():
+    pipfile = tomllib.loads((REPO / "Pipfile").read_text())
+    multiworker = pins(REPO / "requirements-multiworker.txt")
+    assert multiworker == {name.lower(): spec.removeprefix("==") for name, spec in pipfile["multiworker"].items()}
+    # tf-keras must match TensorFlow's minor version.
+    tensorflow = pins(REPO / "requirements.txt")["tensorflow"]
+    assert multiworker["tf-keras"].split(".")[:2] == tensorflow.split(".")[:2]

@@ -1,0 +1,143 @@
+"""Distributed training: MirroredStrategy on 2 logical CPU devices, multi-worker training with
+TF_CONFIG (legacy tf-keras), and the per-worker share of the training tiles."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, TINY_TRAINING
+
+import data
+import training_mito
+import unet
+
+# The README's two-host example uses these options; here both hosts are 127.0.0.1.
+TWO_STEP_EPOCHS = ["--epochs", "2", "--steps-per-epoch", "3", "--learning-rate", "0.01"]
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (TensorFlow's devices are fixed once it starts)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_mirrored_strategy_trains_two_cpu_replicas_in_sync(small_dataset, tmp_path):
+    model_path = tmp_path / "two.h5"
+    argv = ["--dataset", str(small_dataset), "--model", str(model_path), "--devices", "cpu:2",
+            *TINY_TRAINING, *TWO_STEP_EPOCHS, "--epochs", "3"]
+    # Keep a handle on the compiled model to look at each replica's copy of the weights.
+    code = textwrap.dedent(f"""
+        import json, numpy as np, training_mito, unet
+        models = []
+        compile_unet = unet.compile_unet
+        unet.compile_unet = lambda model, *a, **k: models.append(model) or compile_unet(model, *a, **k)
+        assert training_mito.main({argv!r}) == 0
+        copies = [[replica.numpy() for replica in weight.value.values] for weight in models[0].weights]
+        print(json.dumps({{"replicas": len(copies[0]),
+                          "identical": all(np.array_equal(c, w[0]) for w in copies for c in w)}}))
+    """)
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"replicas": 2, "identical": True}
+    assert "Replicas    2 (" in result.stdout
+    settings = json.loads(model_path.with_suffix(".json").read_text())
+    per_replica = int(TINY_TRAINING[TINY_TRAINING.index("--batch-size") + 1])
+    assert settings["training"]["replicas"] == 2
+    assert settings["training"]["global_batch_size"] == 2 * per_replica
+    assert settings["training"]["devices"] == "cpu:2"
+    losses = settings["history"]["loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("gpu", "expected 'all', 'cpu', 'cpu:N' or GPU indices"),
+    ("cpu:0", "expected 'all', 'cpu', 'cpu:N' or GPU indices"),
+])
+def test_devices_option_rejects_bad_values(value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training_mito.parse_args(["--devices", value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(tf.config.list_physical_devices("GPU"), reason="checks the error on a machine without GPUs")
+def test_devices_naming_a_missing_gpu_is_one_line_error(small_dataset, tmp_path, capsys):
+    argv = ["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), "--devices", "0", *TINY_TRAINING]
+    assert training_mito.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "--devices 0: no GPU 0" in error and len(error.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_multi_worker_on_keras_3_explains_the_legacy_switch(small_dataset, tmp_path, monkeypatch, capsys):
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)
+    argv = ["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING]
+    assert training_mito.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "TF_USE_LEGACY_KERAS=1" in error and "keras-team/keras#20585" in error
+    assert not list(tmp_path.iterdir())
+
+
+def test_each_replica_gets_its_own_share_of_every_global_batch(small_dataset):
+    _, images, masks = data.load_split(small_dataset, "train")
+    tiles = data.TrainingTiles(images, masks, tile_size=32, batch_size=4, steps_per_epoch=3, seed=5)
+    shares = []
+    for pipeline in range(2):  # two workers with one replica each
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
+                                             num_replicas_in_sync=2)
+        shares.append([x.numpy() for x, _ in tiles.dataset(0, 2, input_context=context)])
+    assert [len(share) for share in shares] == [6, 6]  # 2 epochs x 3 steps, one element per step
+    for step in range(6):
+        first, second = shares[0][step], shares[1][step]
+        assert first.shape == second.shape == (2, 32, 32, 1)  # per-replica batch = global 4 / 2 replicas
+        assert not np.array_equal(first, second)
+        # Deterministic: element = that replica's part of batch (epoch, index), whatever the worker.
+        np.testing.assert_array_equal(first, tiles.batch(step // 3, step % 3, share=(0, 2))[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None,
+                    reason="multi-worker training needs tf-keras: pip install --no-deps -r requirements-multiworker.txt")
+def test_two_workers_train_with_tf_config_and_only_the_chief_writes(small_dataset, tmp_path):
+    model_path = tmp_path / "shared" / "two_workers.h5"
+    workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CONFIG": json.dumps(config), "TF_USE_LEGACY_KERAS": "1"}
+        command = [sys.executable, "training_mito.py", "--dataset", str(small_dataset), "--model", str(model_path),
+                   *TINY_TRAINING, *TWO_STEP_EPOCHS]
+        processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(output[-2000:] for output in outputs)
+    assert "this one the chief" in outputs[0] and "Best epoch" in outputs[0]
+    assert "the chief writes the model" in outputs[1]
+    model, settings = unet.load_model(model_path)  # written by tf-keras, read back by Keras 3
+    assert model.count_params() > 0
+    assert settings["training"]["workers"] == 2 and settings["training"]["replicas"] == 2
+    assert settings["training"]["global_batch_size"] == 2 * int(TINY_TRAINING[TINY_TRAINING.index("--batch-size") + 1])
+    written = sorted(path.name for path in model_path.parent.iterdir())
+    assert written == sorted(["two_workers.h5", "two_workers.json", "two_workers.csv", "two_workers_curves.png",
+                              "two_workers.resume.json", "two_workers.resume-epoch0002.keras"])
