@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import socket
 import sys
 import threading
 import warnings
@@ -46,6 +48,10 @@ class DataError(MitoError):
 # --- files --------------------------------------------------------------------
 
 
+# This machine's name in temporary file names: letters, digits and '_' only, so names parse back.
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Create ``path`` through ``write(temporary_path)``, then rename it into place.
 
@@ -54,7 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     never see a half-written file, and an interrupted write leaves the old file.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}-{_HOST}{path.suffix}")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -66,16 +72,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 def remove_stale_partials(folder: str | os.PathLike, recursive: bool = False) -> int:
     """Delete temporary files that a killed writer left behind; returns how many.
 
-    They are hidden (``.<stem>.partial-<pid><suffix>``) and never trusted;
-    those of a process that is still running are left alone.
+    They are hidden (``.<stem>.partial-<pid>-<host><suffix>``) and never trusted;
+    those of a process that is still running are left alone, and so are those
+    of other machines (shards of one job may share an output folder).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for path in folder.rglob(".*.partial-*") if recursive else folder.glob(".*.partial-*"):
-        pid = path.name.rsplit(".partial-", 1)[1].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        pid, _, host = path.name.rsplit(".partial-", 1)[1].split(".")[0].partition("-")
+        if host not in ("", _HOST) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not _process_alive(int(pid)):
             path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -30,6 +30,24 @@ DEFAULT_MODEL = "models/unet_mito.h5"
 DEMO = {"input": "dataset/demo/unlabeled", "model": "models/demo_unet.h5", "output": "predictions/demo"}
 
 
+def shard_option(text: str) -> tuple[int, int]:
+    """argparse type for --shard: 'I/N' with 1 <= I <= N."""
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit() and 1 <= int(index) <= int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, such as 2/8, got {text!r}")
+    return int(index), int(count)
+
+
+def shard_files(files: list, shard: tuple[int, int] | None) -> list:
+    """The I-th of N shares of ``files`` (every N-th file from the I-th): over I = 1..N the
+    shares cover each file exactly once and differ in size by at most one. ``files`` must be
+    in the same order in every shard (list_images sorts them)."""
+    if shard is None:
+        return files
+    index, count = shard
+    return files[index - 1 :: count]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--input", help="folder of EM images, or one image file or multi-page TIFF stack")
@@ -47,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write <stem>_overlay.png (a stack: <stem>_overlay.tif, RGB): the mask outlined and "
                              "tinted on the EM image")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs instead of skipping those images")
+    parser.add_argument("--shard", type=shard_option, metavar="I/N",
+                        help="process only the I-th of N equal shares of the input files (I from 1 to N), e.g. one "
+                             "share per job of a cluster array; all shards may write into the same --output")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)
     args = parser.parse_args(argv)
@@ -114,6 +135,8 @@ def predict(args: argparse.Namespace) -> int:
 
     source, output = Path(args.input), Path(args.output)
     base, images = input_images(source, args.recursive)
+    found = len(images)
+    images = shard_files(images, args.shard)
     if output.resolve() == base.resolve():
         raise data.DataError(f"{output}: refusing to write masks into the input folder; choose another --output")
     model, settings = unet.load_model(args.model)
@@ -126,7 +149,8 @@ def predict(args: argparse.Namespace) -> int:
         raise data.DataError(f"{output}: folder is not writable")
     data.remove_stale_partials(output, recursive=True)  # left by a run that was killed
     print(f"Model {args.model}: {segmenter.describe()}")
-    print(f"Predicting {len(images)} files from {source} into {output}")
+    shard = f" (shard {args.shard[0]}/{args.shard[1]} of {found} files)" if args.shard else ""
+    print(f"Predicting {len(images)} files from {source} into {output}{shard}")
 
     wanted_kinds = ["mask"] + [kind for kind, on in (("prob", args.save_prob), ("instances", args.instances),
                                                       ("overlay", args.overlays)) if on]
@@ -179,11 +203,12 @@ def predict(args: argparse.Namespace) -> int:
             done += 1
         else:
             skipped += 1
-    if args.instances:
-        _write_csv(data, output / "measurements.csv", measurements)
-        _write_csv(data, output / "slices.csv", summaries)
-        print(f"Measured {len(measurements)} mitochondria in {len(summaries)} slices: "
-              f"{output / 'measurements.csv'}, {output / 'slices.csv'}")
+    if args.instances:  # each shard its own tables, so that no two shards write one file
+        suffix = f".shard-{args.shard[0]}-of-{args.shard[1]}.csv" if args.shard else ".csv"
+        tables = output / ("measurements" + suffix), output / ("slices" + suffix)
+        _write_csv(data, tables[0], measurements)
+        _write_csv(data, tables[1], summaries)
+        print(f"Measured {len(measurements)} mitochondria in {len(summaries)} slices: {tables[0]}, {tables[1]}")
     print(f"Wrote outputs for {done} files to {output}"
           + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
     if failed:

@@ -141,3 +141,61 @@ def test_two_workers_train_with_tf_config_and_only_the_chief_writes(small_datase
     written = sorted(path.name for path in model_path.parent.iterdir())
     assert written == sorted(["two_workers.h5", "two_workers.json", "two_workers.csv", "two_workers_curves.png",
                               "two_workers.resume.json", "two_workers.resume-epoch0002.keras"])
+
+
+def test_three_prediction_shards_together_equal_one_unsharded_run(tiny_model, tmp_path):
+    import prediction_mito
+
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(7):  # 7 files: shares of 3, 2 and 2
+        data.write_image(slices / f"{index:04d}.png", data.synthetic_em_slice(rng, (96 + 8 * index, 120))[0])
+    common = ["--input", str(slices), "--model", str(tiny_model), "--save-prob", "--instances"]
+    assert prediction_mito.main([*common, "--output", str(tmp_path / "whole")]) == 0
+    for index in (1, 2, 3):
+        assert prediction_mito.main([*common, "--output", str(tmp_path / "sharded"), "--shard", f"{index}/3"]) == 0
+
+    def outputs(folder, tables):
+        return {path.name: path.read_bytes() for path in folder.iterdir() if not path.name.startswith(tables)}
+
+    tables = ("measurements", "slices")
+    whole, sharded = outputs(tmp_path / "whole", tables), outputs(tmp_path / "sharded", tables)
+    assert len(whole) == 7 * 3 and whole.keys() == sharded.keys()
+    assert all(whole[name] == sharded[name] for name in whole)  # byte for byte
+    # Each shard measured its own files; together they are the unsharded table.
+    rows = lambda path: path.read_text().splitlines()  # noqa: E731
+    shard_rows = [rows(tmp_path / "sharded" / f"measurements.shard-{index}-of-3.csv") for index in (1, 2, 3)]
+    whole_rows = rows(tmp_path / "whole" / "measurements.csv")
+    assert all(table[0] == whole_rows[0] for table in shard_rows)
+    assert sorted(row for table in shard_rows for row in table[1:]) == sorted(whole_rows[1:])
+
+
+def test_shard_files_cover_every_file_once():
+    import prediction_mito
+
+    files = [f"{index:03d}.png" for index in range(10)]
+    shares = [prediction_mito.shard_files(files, (index, 4)) for index in range(1, 5)]
+    assert sorted(sum(shares, [])) == files
+    assert [len(share) for share in shares] == [3, 3, 2, 2]
+    assert prediction_mito.shard_files(files, None) == files
+
+
+@pytest.mark.parametrize("value", ["0/3", "4/3", "2", "a/b", "1/0"])
+def test_shard_option_rejects_bad_values(value, capsys):
+    import prediction_mito
+
+    with pytest.raises(SystemExit):
+        prediction_mito.parse_args(["--input", "x", "--shard", value])
+    assert "expected I/N with 1 <= I <= N" in capsys.readouterr().err
+
+
+def test_stale_partials_of_other_machines_are_left_alone(tmp_path):
+    dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process
+    local = tmp_path / f".0001.partial-{dead_pid}-{data._HOST}.png"
+    remote = tmp_path / f".0002.partial-{dead_pid}-another_node.png"
+    alive = tmp_path / f".0003.partial-{os.getppid()}-{data._HOST}.png"
+    for path in (local, remote, alive):
+        path.write_bytes(b"half")
+    assert data.remove_stale_partials(tmp_path) == 1
+    assert not local.exists() and remote.exists() and alive.exists()
