@@ -662,13 +662,18 @@ class FastTrainingTiles:
         x, y = self._batch(tf.constant(epoch, tf.int64), tf.constant(index, tf.int64))
         return x.numpy(), y.numpy()
 
-    def dataset(self, first_epoch: int, epochs: int, workers: int = 1):
+    def dataset(self, first_epoch: int, epochs: int, workers: int = 1, input_context=None):
         """A tf.data.Dataset of the batches of epochs first_epoch .. epochs - 1, in order.
 
         ``workers`` batches are prepared in parallel (each one also uses TensorFlow's
-        own threads); the order stays fixed. Use like ``TrainingTiles.dataset``.
+        own threads); the order stays fixed. Use like ``TrainingTiles.dataset``; one
+        machine only: with an ``input_context`` (several workers) it raises DataError.
         """
         import tensorflow as tf
+
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            raise DataError("--augment fast does not split batches among several machines yet; "
+                            "use --augment keras there")
 
         steps = self.steps_per_epoch
         options = tf.data.Options()

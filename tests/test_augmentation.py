@@ -176,3 +176,12 @@ def test_fast_path_refuses_geometry_it_does_not_implement():
     with pytest.raises(ValueError, match="fast augmentation"):
         data.FastTrainingTiles([np.zeros((64, 64), np.float32)], [np.zeros((64, 64), np.uint8)], 32, 2, 1,
                                geometry={**data.GEOMETRIC_AUGMENTATION, "fill_mode": "constant"})
+
+
+def test_the_fast_dataset_refuses_several_machines_with_a_message():
+    import tensorflow as tf
+
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0, num_replicas_in_sync=2)
+    with pytest.raises(data.DataError, match="--augment keras"):
+        fast_tiles().dataset(0, 1, 1, context)
+    assert fast_tiles().dataset(0, 1, 1, tf.distribute.InputContext()) is not None  # one machine is fine
