@@ -95,6 +95,7 @@ PRESETS = {
 # Options a resumed run takes from the interrupted one (all but --epochs, which may grow).
 RUN_OPTIONS = (
     "preset", "dataset", "normalization", "augmentation", "steps_per_epoch", "batch_size", "tile_size", "filters",
+    "augment",  # the augmentation engine; runs saved before it existed used "keras"
     "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "lr_schedule", "loss", "foreground_weight",
     "monitor", "patience", "seed", "deterministic",
 )
@@ -201,6 +202,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                            f"{default('augmentation')}")
     data.add_argument("--no-augment", dest="augmentation", action="store_const", const="none",
                       help="the same as --augmentation none")
+    data.add_argument("--augment", choices=["keras", "fast", "none"], default="keras",
+                      help="what computes the augmentation: 'keras' the ImageDataGenerator path (faithful, about "
+                           "20 tiles/s on 2 cores at 256 px), 'fast' the same transforms as vectorised TensorFlow "
+                           "ops (many times faster; other random draws), 'none' no augmentation at all "
+                           "(default: keras)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help=f"output .h5 file; its settings go to the .json beside it {default('model')}")
@@ -253,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.augment == "none":
+        args.augmentation = "none"
     if args.demo and args.model == PRESETS["demo"]["model"]:
         args.overwrite = True  # the demo model is ours to replace
     return args
@@ -267,8 +275,9 @@ def resume_options(args, state: dict) -> None:
     """Take the interrupted run's options, keeping an explicitly raised --epochs."""
     from unet import ConfigError
 
+    options = {"augment": "keras"} | state["options"]  # runs from before --augment used keras
     for key in RUN_OPTIONS:
-        setattr(args, key, state["options"][key])
+        setattr(args, key, options[key])
     if "epochs" not in args.explicit:
         args.epochs = state["options"]["epochs"]
     if args.epochs < state["epoch"]:
@@ -352,7 +361,7 @@ def train(args: argparse.Namespace) -> int:
     print(f"Training    preset {args.preset}: {args.epochs} epochs x {args.steps_per_epoch} steps, "
           f"tiles {args.tile_size}px, lr {args.learning_rate} ({args.lr_schedule}), loss {args.loss}"
           f"{f' (foreground x{args.foreground_weight:g})' if args.foreground_weight != 1 else ''}, "
-          f"augmentation {args.augmentation}, best by {args.monitor}"
+          f"augmentation {args.augmentation} ({args.augment}), best by {args.monitor}"
           f"{f', patience {args.patience}' if args.patience else ''}, seed {args.seed}, "
           f"deterministic {'on' if args.deterministic else 'off'}")
     if state:
@@ -368,7 +377,8 @@ def train(args: argparse.Namespace) -> int:
                     args.learning_rate, decay_steps=args.epochs * args.steps_per_epoch, alpha=0.01)
             model = unet.compile_unet(unet.build_unet(config), learning_rate, args.loss, args.foreground_weight)
     geometry, intensity = data.AUGMENTATIONS[args.augmentation]
-    train_tiles = data.TrainingTiles(
+    tiles_class = data.FastTrainingTiles if args.augment == "fast" else data.TrainingTiles
+    train_tiles = tiles_class(
         train_images, train_masks, args.tile_size, global_batch, args.steps_per_epoch,
         augment=args.augmentation != "none", seed=args.seed, geometry=geometry, intensity=intensity,
     )

@@ -90,3 +90,98 @@ def test_the_dataset_yields_each_epochs_batches_in_order_whatever_the_threads():
             expected_x, expected_y = tiles.batch(1 + step // 3, step % 3)
             np.testing.assert_array_equal(x, expected_x)
             np.testing.assert_array_equal(y, expected_y)
+
+
+# --- the fast path (FastTrainingTiles: tf.data, vectorised, XLA) ---------------------
+
+
+def fast_tiles(intensity=None, augment=True, seed=3):
+    """Shared per setting: each new object compiles its XLA function (seconds)."""
+    key = (tuple(sorted(intensity.items())) if intensity is not None else None, augment, seed)
+    if key not in _FAST_TILES:
+        _FAST_TILES[key] = make_fast_tiles(intensity, augment, seed)
+    return _FAST_TILES[key]
+
+
+_FAST_TILES = {}
+
+
+def make_fast_tiles(intensity=None, augment=True, seed=3, batch_size=4, tile_size=48):
+    rng = np.random.default_rng(1)
+    masks = [(smooth_image(seed, shape) > 0.5).astype(np.uint8) for seed, shape in ((1, (120, 100)), (2, (40, 50)))]
+    images = [mask * np.float32(0.8) + np.float32(0.1) for mask in masks]  # the image is a function of the mask
+    if intensity is not None:
+        images = [np.clip(image + rng.normal(0, 0.05, image.shape), 0, 1).astype(np.float32) for image in images]
+    return data.FastTrainingTiles(images, masks, tile_size=tile_size, batch_size=batch_size, steps_per_epoch=3,
+                                  augment=augment, seed=seed, intensity=intensity)
+
+
+@pytest.mark.parametrize("intensity", [None, data.INTENSITY_AUGMENTATION, data.STRONG_INTENSITY_AUGMENTATION])
+def test_fast_batches_have_the_promised_shapes_dtypes_and_ranges(intensity):
+    x, y = fast_tiles(intensity).batch(0, 1)
+    assert x.shape == y.shape == (4, 48, 48, 1)
+    assert x.dtype == y.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 1 and set(np.unique(y)) <= {0.0, 1.0}
+    assert 0 < y.mean() < 1
+
+
+def test_fast_geometry_moves_image_and_mask_together():
+    tiles = fast_tiles(intensity={})  # geometry only: the image stays mask * 0.8 + 0.1
+    changed = 0
+    for index in range(3):
+        x, y = tiles.batch(0, index)
+        assert np.mean((x > 0.5) == (y > 0.5)) > 0.99  # all but a thin interpolation border
+        changed += not np.allclose(x, np.round((x - 0.1) / 0.8) * 0.8 + 0.1)  # interpolated: really transformed
+    assert changed
+    # the check can fail: the masks of another batch do not fit
+    other_x, _ = tiles.batch(1, 0)
+    assert np.mean((other_x > 0.5) == (y > 0.5)) < 0.95
+
+
+def test_fast_plain_tiles_are_exact_crops_with_their_masks():
+    x, y = fast_tiles(augment=False).batch(0, 0)
+    np.testing.assert_array_equal(x, y * np.float32(0.8) + np.float32(0.1))
+
+
+def test_fast_intensity_changes_touch_the_image_only():
+    tiles = fast_tiles(intensity=data.STRONG_INTENSITY_AUGMENTATION)
+    x, y = tiles.batch(0, 0)
+    assert np.mean((x > 0.5) == (y > 0.5)) > 0.8  # still mostly aligned, but jittered
+    assert not np.allclose(x, y * 0.8 + 0.1, atol=0.05)
+
+
+def test_fast_batches_are_a_function_of_seed_epoch_and_index():
+    tiles = fast_tiles(data.STRONG_INTENSITY_AUGMENTATION)
+    x, y = tiles.batch(2, 1)
+    again = make_fast_tiles(data.STRONG_INTENSITY_AUGMENTATION).batch(2, 1)  # a new object, as a resumed run makes
+    np.testing.assert_array_equal(x, again[0])
+    np.testing.assert_array_equal(y, again[1])
+    assert not np.array_equal(x, tiles.batch(2, 2)[0])
+    assert not np.array_equal(x, tiles.batch(3, 1)[0])
+    assert not np.array_equal(x, fast_tiles(data.STRONG_INTENSITY_AUGMENTATION, seed=4).batch(2, 1)[0])
+
+
+def test_the_fast_dataset_yields_each_epochs_batches_in_order_whatever_the_threads():
+    tiles = fast_tiles(data.STRONG_INTENSITY_AUGMENTATION)
+    for workers in (1, 3):
+        batches = list(tiles.dataset(first_epoch=1, epochs=3, workers=workers).as_numpy_iterator())
+        assert len(batches) == 6
+        for step, (x, y) in enumerate(batches):
+            expected_x, expected_y = tiles.batch(1 + step // 3, step % 3)
+            np.testing.assert_array_equal(x, expected_x)
+            np.testing.assert_array_equal(y, expected_y)
+
+
+def test_fast_path_refuses_geometry_it_does_not_implement():
+    with pytest.raises(ValueError, match="fast augmentation"):
+        data.FastTrainingTiles([np.zeros((64, 64), np.float32)], [np.zeros((64, 64), np.uint8)], 32, 2, 1,
+                               geometry={**data.GEOMETRIC_AUGMENTATION, "fill_mode": "constant"})
+
+
+def test_the_fast_dataset_refuses_several_machines_with_a_message():
+    import tensorflow as tf
+
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=0, num_replicas_in_sync=2)
+    with pytest.raises(data.DataError, match="--augment keras"):
+        fast_tiles().dataset(0, 1, 1, context)
+    assert fast_tiles().dataset(0, 1, 1, tf.distribute.InputContext()) is not None  # one machine is fine

@@ -1,0 +1,68 @@
+"""training_mito.py --augment keras|fast|none, and the input-pipeline benchmark (seconds, tiny sizes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TINY_TRAINING
+
+import training_mito
+import unet
+
+
+def train(argv, capsys):
+    assert training_mito.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_fast_augmentation_trains_resumes_with_it_and_old_runs_resume_as_keras(small_dataset, tmp_path, capsys):
+    model = tmp_path / "fast.h5"
+    printed = train(["--dataset", str(small_dataset), "--model", str(model), *TINY_TRAINING, "--augment", "fast",
+                     "--augmentation", "strong"], capsys)
+    assert "augmentation strong (fast)" in printed
+    _, settings = unet.load_model(model)
+    assert settings["training"]["options"]["augment"] == "fast"
+
+    printed = train(["--model", str(model), "--resume", "--epochs", "2"], capsys)  # takes the run's options
+    assert "augmentation strong (fast)" in printed
+
+    resume_file = unet.resume_json_path(model)
+    state = json.loads(resume_file.read_text())
+    del state["options"]["augment"]  # as written before --augment existed
+    resume_file.write_text(json.dumps(state))
+    printed = train(["--model", str(model), "--resume", "--epochs", "3"], capsys)
+    assert "augmentation strong (keras)" in printed
+
+
+def test_augment_none_means_no_augmentation():
+    args = training_mito.parse_args(["--augment", "none", "--preset", "cpu"])
+    assert args.augment == "none" and args.augmentation == "none"
+    assert training_mito.parse_args([]).augment == "keras"  # the faithful default
+
+
+def test_a_bad_augment_value_is_a_one_line_error():
+    result = subprocess.run([sys.executable, str(REPO / "training_mito.py"), "--augment", "turbo"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--augment" in lines[0] and "invalid choice" in lines[0]
+
+
+def test_pipeline_benchmark_prints_one_json_line_per_measurement(small_dataset, capsys):
+    from test_benchmarks import load_script
+
+    bench = load_script("benchmarks/bench_pipeline.py")
+    assert bench.main(["--quick", "--dataset", str(small_dataset)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_kind = {}
+    for line in lines:
+        by_kind.setdefault(line["kind"], []).append(line)
+    assert [line["pipeline"] for line in by_kind["pipeline"]] == ["keras", "fast", "none"]
+    assert [line["model"] for line in by_kind["model"]] == ["cpu", "gpu"]
+    assert len(by_kind["verdict"]) == 6
+    for line in by_kind["pipeline"] + by_kind["model"]:
+        assert line["tiles_per_s"] > 0 and line["tiles_per_cpu_s"] > 0 and line["tile_size"] == 64
+    for line in by_kind["verdict"]:
+        expected = "input-bound" if line["pipeline_tiles_per_s"] < line["model_tiles_per_s"] else "compute-bound"
+        assert line["verdict"] == expected
