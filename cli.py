@@ -64,6 +64,9 @@ def add_inference_options(group) -> None:
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average the 8 flips/rotations (8 times slower)")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
+    group.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="arithmetic of the forward pass: bfloat16 is fast on CPUs with AVX512-BF16/AMX and GPUs, "
+                            "float16 on GPUs (default: float32)")
 
 
 def make_segmenter(args, model, settings: dict):
@@ -78,7 +81,7 @@ def make_segmenter(args, model, settings: dict):
     if args.no_postprocess:
         postprocess = {}
     return unet.Segmenter(model, settings, args.tile_size, args.overlap, args.threshold, postprocess,
-                          args.tta, args.batch_size)
+                          args.tta, args.batch_size, args.precision)
 
 
 def add_debug_option(parser) -> None:
