@@ -51,7 +51,7 @@ probability = _number(float, lambda value: 0 < value < 1, "a number between 0 an
 
 def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
-    group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's, 1024)")
+    group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's; 1280 for new models)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
     group.add_argument("--threshold", type=probability,

@@ -27,7 +27,9 @@ import tensorflow as tf  # noqa: E402
 
 from data import DEFAULT_NORMALIZATION, MitoError, atomic_write  # noqa: E402
 
-DEFAULT_PREDICTION_TILE = 1024
+# 1024 px kept per tile plus the default overlap of a depth-4 U-Net (2 x 128): a 1024 x 1024 slice is one
+# tile, larger slices are cut into 1024-px cores (see benchmarks/bench_predict.py and README, Performance).
+DEFAULT_PREDICTION_TILE = 1280
 
 __all__ = [
     "UNetConfig",
@@ -553,7 +555,7 @@ def make_predict_fn(model: tf.keras.Model):
     float32.
     """
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)], reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)], autograph=False)
     def infer(batch):
         return model(batch, training=False)
 
