@@ -48,7 +48,8 @@ PROG = "bench_predict.py"
 
 def parse_args(argv=None):
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--filters", type=positive_int, nargs="+", default=[16, 32, 64], help="base filters to time")
+    parser.add_argument("--filters", type=positive_int, nargs="*", default=[16, 32, 64],
+                        help="base filters to time (none: only the memory test)")
     parser.add_argument("--precision", nargs="+", choices=("float32", "bfloat16", "float16"),
                         help="precisions to time (default: float32, plus bfloat16 where the CPU has it in hardware "
                              "(AVX512-BF16/AMX) or on a GPU, plus float16 on a GPU)")
