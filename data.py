@@ -415,7 +415,8 @@ def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarra
         values = image.astype(np.float32)
         low, high = np.percentile(values, [normalization.get("low", 1.0), normalization.get("high", 99.8)])
         scale = float(high - low) if high > low else 1.0
-        values = (values - np.float32(low)) / np.float32(scale)
+        values -= np.float32(low)  # in place: no second full-size copy of a large slice
+        values /= np.float32(scale)
     elif mode == "range":
         if image.dtype.kind in "ui":
             values = image.astype(np.float32) / np.iinfo(image.dtype).max

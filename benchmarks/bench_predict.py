@@ -14,9 +14,10 @@ Prints one JSON line per measurement (and writes them to --output if given):
   (``predict_whole``, same reflect margins); and a naive tile loop, one
   ``model.predict`` call per tile, timed on a few of its tiles and
   extrapolated to the slice.
-- ``memory``: peak resident memory (the child's own VmHWM) and time
-  per megapixel of ``prediction_mito.py`` on one large slice and on a
-  multi-page TIFF stack of them, beside a folder of small slices.
+- ``memory``: peak resident memory (the child's own VmHWM) and wall time of
+  ``prediction_mito.py --save-prob`` on the folder of small slices, one large
+  slice and a multi-page TIFF stack of large slices; and the time per
+  megapixel of tiled prediction on the large slice against the small ones.
 
 FLOPs per megapixel count every convolution (2 x kernel height x width x
 input x output channels per output pixel, at the layer's resolution);
@@ -48,8 +49,8 @@ PROG = "bench_predict.py"
 
 def parse_args(argv=None):
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--filters", type=positive_int, nargs="*", default=[16, 32, 64],
-                        help="base filters to time (none: only the memory test)")
+    parser.add_argument("--filters", type=positive_int, nargs="*",
+                        help="base filters to time; none: only the memory test (default: 16 32 64; quick: 4)")
     parser.add_argument("--precision", nargs="+", choices=("float32", "bfloat16", "float16"),
                         help="precisions to time (default: float32, plus bfloat16 where the CPU has it in hardware "
                              "(AVX512-BF16/AMX) or on a GPU, plus float16 on a GPU)")
@@ -70,8 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.filters, args.size, args.slices = [4], 128, 2
+        args.size, args.slices = 128, 2
         args.naive_tile, args.naive_stride, args.naive_tiles, args.memory_filters = 64, 32, 3, 4
+    if args.filters is None:
+        args.filters = [4] if args.quick else [16, 32, 64]
     if args.sizes is None:
         args.sizes = [512] if args.quick else [8192]
     return args
@@ -304,9 +307,8 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
 
 def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> list[dict]:
     import numpy as np
-    import tifffile
-
     import data
+    import unet
 
     config = _config(args.memory_filters, args.quick)
     model_path = save_random_model(config, work, f"memory{args.memory_filters}")
@@ -326,21 +328,29 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
                    str(model_path), "--output", str(work / name), "--overwrite", *extra]
         return measure_child(command)
 
-    startup, _ = min(predict(work / "tiny", "mem_tiny") for _ in range(1 if args.quick else 2))
-    cases = [("folder of small slices", reference, len(data.list_images(reference)) * args.size**2),
-             (f"{side}x{side} PNG", large / "0000.png", side**2),
-             (f"{args.stack_pages}-page TIFF stack of {side}x{side}", stack_path, args.stack_pages * side**2)]
-    results, reference_rate = [], None
-    for name, source, pixels in cases:
+    # Time per megapixel of tiled prediction, in this process: the small slices, then the large one.
+    model, settings = unet.load_model(model_path)
+    segmenter = unet.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
+    small = [data.normalize(data.read_image(path), settings["normalization"]) for path in data.list_images(reference)]
+    segmenter.probability(small[0][:64, :64])  # trace once
+    small_seconds = sum(timed(segmenter.probability, image)[0] for image in small)
+    small_rate = small_seconds / (sum(image.size for image in small) / 1e6)
+    image = data.normalize(data.read_image(large / "0000.png"), settings["normalization"])
+    large_rate = timed(segmenter.probability, image)[0] / (image.size / 1e6)
+    del image, small
+
+    cases = [(f"{len(data.list_images(reference))} slices of {args.size}x{args.size}", reference, 0.0),
+             (f"{side}x{side} PNG", large / "0000.png", large_rate),
+             (f"{args.stack_pages}-page TIFF stack of {side}x{side}", stack_path, 0.0)]
+    results = []
+    for name, source, rate in cases:
         seconds, peak = predict(source, f"mem_{len(results)}")
-        per_mpx = max(seconds - startup, 1e-9) / (pixels / 1e6)
-        reference_rate = reference_rate or per_mpx
-        results.append({
-            "kind": "memory", "device": device, "filters": args.memory_filters, "input": name,
-            "megapixels": round(pixels / 1e6, 2), "seconds": round(seconds, 2), "startup_s": round(startup, 2),
-            "s_per_mpx": round(per_mpx, 4), "s_per_mpx_vs_small": round(per_mpx / reference_rate, 3),
-            "peak_rss_mb": round(peak), "outputs": "mask + probability",
-        })
+        record = {"kind": "memory", "device": device, "filters": args.memory_filters, "input": name,
+                  "peak_rss_mb": round(peak), "seconds": round(seconds, 2), "outputs": "mask + probability"}
+        if rate:
+            record |= {"tiled_s_per_mpx": round(rate, 4), f"tiled_s_per_mpx_{args.size}": round(small_rate, 4),
+                       "time_per_mpx_vs_small": round(rate / small_rate, 3)}
+        results.append(record)
     return results
 
 

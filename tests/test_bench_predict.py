@@ -31,6 +31,16 @@ def test_flops_count_matches_a_hand_count():
     assert bench.conv_flops_per_megapixel(unet.build_unet(config)) == per_pixel * 1e6
 
 
+def test_quick_memory_test_reports_peak_memory_and_scaling(capsys):
+    bench = load_script("benchmarks/bench_predict.py")
+    assert bench.main(["--quick", "--filters", "--stack-pages", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert [record["kind"] for record in records] == ["memory"] * 3
+    assert "512x512 PNG" in records[1]["input"] and "2-page TIFF stack" in records[2]["input"]
+    assert all(100 < record["peak_rss_mb"] < 3000 for record in records)
+    assert records[1]["time_per_mpx_vs_small"] > 0
+
+
 def test_peak_memory_of_a_child_is_its_own(tmp_path):
     bench = load_script("benchmarks/bench_predict.py")
     script = tmp_path / "allocate.py"
