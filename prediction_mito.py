@@ -171,11 +171,8 @@ def predict(args: argparse.Namespace) -> int:
             probability = segmenter.probability(image) if plan.predicts else None
             if pending is not None:
                 pending.result()  # at most one slice waits to be written: memory stays bounded
-            pending = writer.submit(finisher.add, plan, index, image, probability, mask)
+            pending = writer.submit(finisher.add, plan, index, image, probability, mask)  # closes the file at its end
             if index == plan.count - 1:
-                pending.result()
-                pending = None
-                finisher.close(plan)
                 done += bool(plan.missing)
                 skipped += not plan.missing
                 progress.update()
@@ -234,7 +231,7 @@ def _read_slices(data, plan_list, settings):
 
 
 class _Finisher:
-    """Thresholds, measures and writes each predicted slice; stacks are written slice by slice."""
+    """Thresholds, measures and writes each predicted slice (stacks slice by slice), then closes each file."""
 
     def __init__(self, segmenter, settings, args, measurements, summaries):
         self.segmenter, self.settings, self.args = segmenter, settings, args
@@ -264,6 +261,8 @@ class _Finisher:
             key = {"image": str(plan.relative), "slice": index}
             self.summaries.append(key | slice_summary(instances, self.args.pixel_size))
             self.measurements.extend(key | row for row in measure_mitochondria(instances, self.args.pixel_size))
+        if index == plan.count - 1:
+            self.close(plan)
 
     def close(self, plan):
         writers = self.writers.pop(plan.path, {})
