@@ -51,7 +51,7 @@ probability = _number(float, lambda value: 0 < value < 1, "a number between 0 an
 
 def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
-    group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's, 1024)")
+    group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's; 1280 for new models)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
     group.add_argument("--threshold", type=probability,
@@ -64,6 +64,9 @@ def add_inference_options(group) -> None:
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average the 8 flips/rotations (8 times slower)")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
+    group.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="arithmetic of the forward pass: bfloat16 is fast on CPUs with AVX512-BF16/AMX and GPUs, "
+                            "float16 on GPUs (default: float32)")
 
 
 def make_segmenter(args, model, settings: dict):
@@ -78,7 +81,7 @@ def make_segmenter(args, model, settings: dict):
     if args.no_postprocess:
         postprocess = {}
     return unet.Segmenter(model, settings, args.tile_size, args.overlap, args.threshold, postprocess,
-                          args.tta, args.batch_size)
+                          args.tta, args.batch_size, args.precision)
 
 
 def add_debug_option(parser) -> None:

@@ -17,8 +17,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -131,7 +133,6 @@ def predict(args: argparse.Namespace) -> int:
 
     import data
     import unet
-    from metrics import label_instances, measure_mitochondria, slice_summary
 
     source, output = Path(args.input), Path(args.output)
     base, images = input_images(source, args.recursive)
@@ -156,53 +157,52 @@ def predict(args: argparse.Namespace) -> int:
                                                       ("overlay", args.overlays)) if on]
     done = skipped = 0
     failed, measurements, summaries = [], [], []
-    for path in tqdm(images, desc="predict", unit="file", file=sys.stderr):
+    progress = tqdm(total=len(images), desc="predict", unit="file", file=sys.stderr)
+    plans = []
+    for path in images:
         relative = path.relative_to(base)
         try:
-            stack = data.count_slices(path) > 1
+            count = data.count_slices(path)
         except data.DataError as error:
             tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
             failed.append(path)
+            progress.update()
             continue
-        targets = output_paths(output, relative, stack)
+        targets = output_paths(output, relative, count > 1)
         missing = {kind for kind in wanted_kinds if args.overwrite or not targets[kind].exists()}
         if not missing and not args.instances:
             skipped += 1
+            progress.update()
             continue
-        try:
-            slices = data.read_slices(path) if missing - {"instances"} else None
-        except data.DataError as error:
-            tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
-            failed.append(path)
-            continue
-        if missing & {"mask", "prob"}:
-            probability = np.stack([
-                segmenter.probability(data.normalize(page, settings["normalization"]))
-                for page in tqdm(slices, desc=path.name, unit="slice", leave=False, file=sys.stderr, disable=not stack)
-            ])
-            masks = np.stack([segmenter.mask(page) for page in probability]).astype(np.uint8)
-        else:  # the masks exist: reuse them for the outputs derived from them
-            masks = (data.read_slices(targets["mask"]) > 0).astype(np.uint8)
-        targets["mask"].parent.mkdir(parents=True, exist_ok=True)
-        instances = np.stack([label_instances(mask) for mask in masks]) if args.instances else None
-        written = {
-            "prob": lambda: probability if stack else probability[0],
-            "mask": lambda: masks * 255 if stack else masks[0] * 255,
-            "instances": lambda: instances if stack else instances[0],
-            "overlay": lambda: _overlays(data, slices, masks, settings, stack),
-        }
-        for kind in ("prob", "instances", "overlay", "mask"):  # the mask last: it marks the file as done
-            if kind in missing:
-                data.write_image(targets[kind], written[kind]())
-        if args.instances:
-            for index, page in enumerate(instances):
-                key = {"image": str(relative), "slice": index}
-                summaries.append(key | slice_summary(page, args.pixel_size))
-                measurements.extend(key | row for row in measure_mitochondria(page, args.pixel_size))
-        if missing:
-            done += 1
-        else:
-            skipped += 1
+        plans.append(_Plan(path, relative, count, targets, missing))
+
+    # Three stages overlap: a thread reads and normalises the next slice, the model predicts this
+    # one, and a thread thresholds, measures and writes the previous one (in order, one at a time).
+    finisher = _Finisher(segmenter, settings, args, measurements, summaries)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for plan, index, item in data.prefetch(_read_slices(data, plan_list=plans, settings=settings)):
+            if index < 0:  # the file could not be read: drop what was started for it
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                finisher.discard(plan)
+                tqdm.write(f"{PROG}: skipped {item}", file=sys.stderr)
+                failed.append(plan.path)
+                progress.update()
+                continue
+            image, mask = item
+            probability = segmenter.probability(image) if plan.predicts else None
+            if pending is not None:
+                pending.result()  # at most one slice waits to be written: memory stays bounded
+            pending = writer.submit(finisher.add, plan, index, image, probability, mask)  # closes the file at its end
+            if index == plan.count - 1:
+                done += bool(plan.missing)
+                skipped += not plan.missing
+                progress.update()
+        if pending is not None:
+            pending.result()
+    progress.close()
     if args.instances:  # each shard its own tables, so that no two shards write one file
         suffix = f".shard-{args.shard[0]}-of-{args.shard[1]}.csv" if args.shard else ".csv"
         tables = output / ("measurements" + suffix), output / ("slices" + suffix)
@@ -218,12 +218,86 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overlays(data, slices, masks, settings, stack):
-    import numpy as np
+@dataclasses.dataclass
+class _Plan:
+    """One input file: where its outputs go and which of them to write."""
 
-    pictures = [data.overlay(data.normalize(page, settings["normalization"]), [(mask, (255, 0, 255))], tint=mask)
-                for page, mask in zip(slices, masks)]
-    return np.stack(pictures) if stack else pictures[0]
+    path: Path
+    relative: Path
+    count: int  # slices
+    targets: dict
+    missing: set
+
+    @property
+    def predicts(self) -> bool:
+        return bool(self.missing & {"mask", "prob"})
+
+    @property
+    def reads_image(self) -> bool:
+        return self.predicts or "overlay" in self.missing
+
+
+def _read_slices(data, plan_list, settings):
+    """(plan, index, (normalised slice or None, existing mask or None)) for every slice, read one at a time.
+
+    A file that cannot be read gives (plan, -1, DataError) instead, after any slices already read.
+    """
+    from itertools import repeat
+
+    for plan in plan_list:
+        try:
+            images = data.iter_slices(plan.path) if plan.reads_image else repeat(None)
+            masks = data.iter_slices(plan.targets["mask"]) if not plan.predicts else repeat(None)
+            for index, image, mask in zip(range(plan.count), images, masks):
+                image = None if image is None else data.normalize(image, settings["normalization"])
+                yield plan, index, (image, None if mask is None else (mask > 0).astype("uint8"))
+        except data.DataError as error:
+            yield plan, -1, error
+
+
+class _Finisher:
+    """Thresholds, measures and writes each predicted slice (stacks slice by slice), then closes each file."""
+
+    def __init__(self, segmenter, settings, args, measurements, summaries):
+        self.segmenter, self.settings, self.args = segmenter, settings, args
+        self.measurements, self.summaries, self.writers = measurements, summaries, {}
+
+    def add(self, plan, index, image, probability, mask):
+        import data
+        from metrics import label_instances, measure_mitochondria, slice_summary
+
+        if index == 0:
+            plan.targets["mask"].parent.mkdir(parents=True, exist_ok=True)
+            self.writers[plan.path] = {kind: data.StackWriter(plan.targets[kind], plan.count, plan.count > 1)
+                                       for kind in plan.missing}
+        writers = self.writers[plan.path]
+        if probability is not None:
+            mask = self.segmenter.mask(probability).astype("uint8")
+        instances = label_instances(mask) if self.args.instances else None
+        pages = {
+            "prob": lambda: probability,
+            "mask": lambda: mask * 255,
+            "instances": lambda: instances,
+            "overlay": lambda: data.overlay(image, [(mask, (255, 0, 255))], tint=mask),
+        }
+        for kind, writer in writers.items():
+            writer.add(pages[kind]())
+        if self.args.instances:
+            key = {"image": str(plan.relative), "slice": index}
+            self.summaries.append(key | slice_summary(instances, self.args.pixel_size))
+            self.measurements.extend(key | row for row in measure_mitochondria(instances, self.args.pixel_size))
+        if index == plan.count - 1:
+            self.close(plan)
+
+    def close(self, plan):
+        writers = self.writers.pop(plan.path, {})
+        for kind in ("prob", "instances", "overlay", "mask"):  # the mask last: it marks the file as done
+            if kind in writers:
+                writers[kind].close()
+
+    def discard(self, plan):
+        for writer in self.writers.pop(plan.path, {}).values():
+            writer.discard()
 
 
 def _write_csv(data, path: Path, rows: list[dict]) -> None:

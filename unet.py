@@ -27,7 +27,9 @@ import tensorflow as tf  # noqa: E402
 
 from data import DEFAULT_NORMALIZATION, MitoError, atomic_write  # noqa: E402
 
-DEFAULT_PREDICTION_TILE = 1024
+# 1024 px kept per tile plus the default overlap of a depth-4 U-Net (2 x 128): a 1024 x 1024 slice is one
+# tile, larger slices are cut into 1024-px cores (see benchmarks/bench_predict.py and README, Performance).
+DEFAULT_PREDICTION_TILE = 1280
 
 __all__ = [
     "UNetConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "save_model",
     "load_model",
     "make_predict_fn",
+    "with_precision",
     "settings_path",
 ]
 
@@ -513,13 +516,48 @@ def load_model(path: str | os.PathLike) -> tuple[tf.keras.Model, dict]:
     return model, settings
 
 
+PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def cpu_supports_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); False when unknown."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def with_precision(model: tf.keras.Model, config: UNetConfig, precision: str = "float32") -> tf.keras.Model:
+    """``model`` computing in ``precision``: 'float32' (itself), 'bfloat16' or 'float16'.
+
+    The lower precisions rebuild the U-Net under Keras' mixed policy (weights
+    kept in float32, convolutions in 16 bits) and copy the weights; the
+    sigmoid output stays float32. Raises ConfigError for another name.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: must be one of {list(PRECISIONS)}")
+    if PRECISIONS[precision] is None:
+        return model
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    try:
+        clone = build_unet(config)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def make_predict_fn(model: tf.keras.Model):
     """A fast NumPy-in, NumPy-out inference function for ``predict_tiled``.
 
-    One traced graph serves every tile shape (no retracing per image size).
+    The function is traced once, for any batch and tile shape (no retracing
+    per image size); it takes (n, y, x, 1) float32 and returns (n, y, x, 1)
+    float32.
     """
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)], reduce_retracing=True)
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32)], autograph=False)
     def infer(batch):
         return model(batch, training=False)
 
@@ -535,7 +573,7 @@ class Segmenter:
     """
 
     def __init__(self, model, settings: dict, tile_size=None, overlap=None, threshold=None, postprocess=None,
-                 tta: bool = False, batch_size: int = 1):
+                 tta: bool = False, batch_size: int = 1, precision: str = "float32"):
         from data import DataError, with_tta
 
         self.settings = settings
@@ -543,18 +581,19 @@ class Segmenter:
         self.overlap = settings["overlap"] if overlap is None else overlap
         self.threshold = settings["threshold"] if threshold is None else threshold
         self.postprocess = dict(settings.get("postprocess") or {}) if postprocess is None else postprocess
-        self.tta, self.batch_size = tta, batch_size
-        self.align = UNetConfig.from_dict(settings["unet"]).alignment
+        self.tta, self.batch_size, self.precision = tta, batch_size, precision
+        config = UNetConfig.from_dict(settings["unet"])
+        self.align = config.alignment
         if self.overlap >= self.tile_size:
             raise DataError(f"--overlap {self.overlap} must be smaller than --tile-size {self.tile_size}")
-        predict_fn = make_predict_fn(model)
+        predict_fn = make_predict_fn(with_precision(model, config, precision))
         self.predict_fn = with_tta(predict_fn) if tta else predict_fn
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
-        """(y, x) normalised image -> (y, x) float32 mitochondria probability."""
+    def probability(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(y, x) normalised image -> (y, x) float32 mitochondria probability (into ``out`` if given)."""
         from data import predict_tiled
 
-        return predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align, self.batch_size)
+        return predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align, self.batch_size, out)
 
     def mask(self, probability: np.ndarray) -> np.ndarray:
         """Threshold and post-process a probability map: (y, x) bool."""
@@ -566,4 +605,6 @@ class Segmenter:
         post = self.postprocess or {}
         return (f"threshold {self.threshold:.2f}, objects >= {post.get('min_size', 0)} px, holes <= "
                 f"{post.get('max_hole', 0)} px filled, tiles {self.tile_size}px with overlap {self.overlap}px"
+                + (f", batches of {self.batch_size}" if self.batch_size > 1 else "")
+                + (f", {self.precision}" if self.precision != "float32" else "")
                 + (", test-time augmentation x8" if self.tta else ""))
