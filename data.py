@@ -52,6 +52,12 @@ class DataError(MitoError):
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before the rename: hidden, beside it, named after this process
+    and machine (``remove_stale_partials`` reads both back), with the final suffix."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}-{_HOST}{path.suffix}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Create ``path`` through ``write(temporary_path)``, then rename it into place.
 
@@ -60,7 +66,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     never see a half-written file, and an interrupted write leaves the old file.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}-{_HOST}{path.suffix}")
+    temporary = partial_path(path)
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -291,7 +297,7 @@ class StackWriter:
         self.path, self.count, self.stack = Path(path), count, stack
         self.pages: queue.Queue = queue.Queue(maxsize=1)
         self.thread, self.error, self.added, self.single = None, None, 0, None
-        self.temporary = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.path.suffix}")
+        self.temporary = partial_path(self.path)
 
     def add(self, page: np.ndarray) -> None:
         page = np.asarray(page)

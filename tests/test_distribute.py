@@ -199,3 +199,10 @@ def test_stale_partials_of_other_machines_are_left_alone(tmp_path):
         path.write_bytes(b"half")
     assert data.remove_stale_partials(tmp_path) == 1
     assert not local.exists() and remote.exists() and alive.exists()
+
+
+def test_streamed_stacks_name_their_temporary_file_after_this_machine(tmp_path):
+    # A shard on another machine must see an unfinished stack as someone else's, not as stale.
+    writer = data.StackWriter(tmp_path / "stack.tif", count=2)
+    assert writer.temporary == data.partial_path(tmp_path / "stack.tif")
+    assert writer.temporary.name.endswith(f".partial-{os.getpid()}-{data._HOST}.tif")
