@@ -45,6 +45,11 @@ class DataError(MitoError):
     """A dataset, image or output path that cannot be used; the message names the file."""
 
 
+def error_reason(error: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 # --- files --------------------------------------------------------------------
 
 
@@ -166,7 +171,7 @@ def read_slices(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as error:  # every reader raises its own types for bad files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise DataError(f"{path}: not a readable image ({reason})") from None
     image = np.asarray(image)
     if has_channels and image.shape[-1] in (1, 2, 3, 4):
@@ -190,7 +195,7 @@ def count_slices(path: str | os.PathLike) -> int:
             series = tiff.series[0]
             shape, axes = series.shape, series.axes
     except Exception as error:  # tifffile raises many types for bad files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise DataError(f"{path}: not a readable image ({reason})") from None
     if axes.endswith("S"):
         shape = shape[:-1]
@@ -263,7 +268,7 @@ def iter_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
         tiff = tifffile.TiffFile(path)
         series = tiff.series[0]
     except Exception as error:  # tifffile raises many types for bad files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise DataError(f"{path}: not a readable image ({reason})") from None
     with tiff:
         has_channels = series.axes.endswith("S")
@@ -271,7 +276,7 @@ def iter_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
             try:
                 page = np.asarray(series.asarray(key=index))
             except Exception as error:
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                reason = error_reason(error)
                 raise DataError(f"{path}: slice {index} is not readable ({reason})") from None
             yield _to_grayscale(page, path) if has_channels and page.ndim == 3 else page
 

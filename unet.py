@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data import DEFAULT_NORMALIZATION, MitoError, atomic_write  # noqa: E402
+from data import DEFAULT_NORMALIZATION, MitoError, atomic_write, error_reason  # noqa: E402
 
 # 1024 px kept per tile plus the default overlap of a depth-4 U-Net (2 x 128): a 1024 x 1024 slice is one
 # tile, larger slices are cut into 1024-px cores (see benchmarks/bench_predict.py and README, Performance).
@@ -408,7 +408,7 @@ def load_resume_model(model_path: str | os.PathLike, state: dict) -> tf.keras.Mo
         model = tf.keras.models.load_model(checkpoint, compile=True, safe_mode=True)
         _restore_seed_states(model, state.get("seed_states", {}))
     except Exception as error:  # any failure means the checkpoint is unusable
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ModelError(f"{checkpoint}: cannot resume from it ({reason})") from None
     return model
 
@@ -493,7 +493,7 @@ def load_model(path: str | os.PathLike) -> tuple[tf.keras.Model, dict]:
     try:
         model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # h5py, Keras and OS errors all mean "unusable file"
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ModelError(f"{path}: not a loadable Keras model ({reason})") from None
     if len(model.inputs) != 1 or model.inputs[0].shape[-1] != 1 or model.outputs[0].shape[-1] != 1:
         raise ModelError(f"{path}: expected a model with one single-channel input and output")
