@@ -995,7 +995,7 @@ class Tile:
 
 @dataclasses.dataclass(frozen=True)
 class TileLayout:
-    pad: tuple[tuple[int, int], tuple[int, int]]  # reflect padding of the image, per axis
+    pad: tuple[tuple[int, int], tuple[int, int]]  # reflect padding of the image, (before, after) per axis
     tile_shape: tuple[int, int]  # every tile has this shape
     tiles: tuple[Tile, ...]
 
@@ -1005,25 +1005,39 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def _axis_layout(length: int, tile_size: int, margin: int, align: int):
-    """Split one axis into ``n`` equal aligned cores, each read with ``margin`` around it."""
-    max_core = tile_size - 2 * margin
-    count = math.ceil(length / max_core)
-    core = _round_up(math.ceil(length / count), align)
-    spans = [(index * core, min(length, (index + 1) * core)) for index in range(count)]
-    padded = count * core + 2 * margin
-    return core + 2 * margin, spans, (margin, padded - length - margin)
+    """Cut one axis into ``n`` equal aligned tiles overlapping by at least ``2 * margin``.
+
+    Returns (tile side, [(read start, write start, write stop)], padding after the axis).
+    The axis is padded only at its end, to a multiple of ``align``; the first and
+    last tiles start and stop at the image's edges, where the network's own
+    padding applies as in a whole-image prediction, so margins are spent only
+    between tiles. Each tile keeps the part of its overlaps nearer its centre.
+    """
+    padded = _round_up(length, align)
+    if padded <= tile_size:
+        return padded, [(0, 0, length)], padded - length
+    count = math.ceil((padded - 2 * margin) / (tile_size - 2 * margin))
+    side = _round_up(math.ceil((padded + (count - 1) * 2 * margin) / count), align)
+    # Spread the starts evenly on the alignment grid: consecutive starts differ by at most side - 2 * margin.
+    starts = [(index * (padded - side) // (count - 1)) // align * align for index in range(count)]
+    cuts = [0] + [min(length, (start + following + side) // 2) for start, following in zip(starts, starts[1:])]
+    spans = [(start, cut, stop) for start, cut, stop in zip(starts, cuts, cuts[1:] + [length])]
+    return side, spans, padded - length
 
 
 def tile_layout(shape: tuple[int, int], tile_size: int, overlap: int, align: int = 1) -> TileLayout:
     """The geometry of a tiled prediction, computed once for cropping and merging.
 
-    The image is reflect-padded by ``overlap // 2`` (rounded up to ``align``)
-    on every side, then split into tiles of equal shape at most ``tile_size``
-    whose kept centres partition the image. Tile origins and sizes are
-    multiples of ``align`` (``2**depth`` for a U-Net), so every tile sees the
-    pooling grid of the whole image: with a margin at least the network's
-    receptive-field reach, the result equals whole-image prediction.
-    Images smaller than a tile get one smaller tile.
+    Tiles of equal shape, at most ``tile_size``, overlap by at least
+    ``overlap`` (rounded up to ``align``); each output pixel is kept from the
+    one tile where it lies at least ``overlap // 2`` from every border that
+    is not the image's own. At the image's edges nothing is added (only a
+    reflect padding to the next multiple of ``align`` at the end of each
+    axis), so a slice that fits in one tile is one bare prediction. Tile
+    origins and sizes are multiples of ``align`` (``2**depth`` for a U-Net),
+    so every tile sees the pooling grid of the whole image: with an overlap of
+    at least twice the network's receptive-field reach the result equals
+    whole-image prediction (``predict_whole``).
     """
     if tile_size < 1 or overlap < 0 or align < 1:
         raise DataError(f"invalid tiling: tile_size={tile_size}, overlap={overlap}, align={align}")
@@ -1034,19 +1048,20 @@ def tile_layout(shape: tuple[int, int], tile_size: int, overlap: int, align: int
             f"tile size {tile_size} is too small for overlap {2 * margin}: "
             f"use a tile size of at least {2 * margin + align}"
         )
-    axes = [_axis_layout(length, tile_size, margin, align) for length in shape]
-    (tile_y, spans_y, pad_y), (tile_x, spans_x, pad_x) = axes
+    (tile_y, spans_y, pad_y), (tile_x, spans_x, pad_x) = (
+        _axis_layout(length, tile_size, margin, align) for length in shape
+    )
     tiles = []
-    for y0, y1 in spans_y:
-        for x0, x1 in spans_x:
+    for read_y, y0, y1 in spans_y:
+        for read_x, x0, x1 in spans_x:
             tiles.append(
                 Tile(
-                    read=(slice(y0, y0 + tile_y), slice(x0, x0 + tile_x)),
-                    keep=(slice(margin, margin + y1 - y0), slice(margin, margin + x1 - x0)),
+                    read=(slice(read_y, read_y + tile_y), slice(read_x, read_x + tile_x)),
+                    keep=(slice(y0 - read_y, y1 - read_y), slice(x0 - read_x, x1 - read_x)),
                     write=(slice(y0, y1), slice(x0, x1)),
                 )
             )
-    return TileLayout(pad=(pad_y, pad_x), tile_shape=(tile_y, tile_x), tiles=tuple(tiles))
+    return TileLayout(pad=((0, pad_y), (0, pad_x)), tile_shape=(tile_y, tile_x), tiles=tuple(tiles))
 
 
 def _reflect_indices(start: int, stop: int, length: int) -> np.ndarray | slice:
@@ -1121,12 +1136,12 @@ def predict_tiled(
     return out
 
 
-def predict_whole(predict_fn, image: np.ndarray, margin: int, align: int = 1) -> np.ndarray:
-    """Predict an image in one piece, padded like ``predict_tiled`` pads it."""
-    pad = [(margin, _round_up(length + 2 * margin, align) - length - margin) for length in image.shape]
+def predict_whole(predict_fn, image: np.ndarray, align: int = 1) -> np.ndarray:
+    """Predict an image in one piece: one bare call, padded (reflect) only at its end to a multiple of ``align``."""
+    pad = [(0, _round_up(length, align) - length) for length in image.shape]
     padded = np.pad(np.asarray(image, np.float32), pad, mode="reflect")
     result = np.asarray(predict_fn(padded[None, ..., None]), np.float32).reshape(padded.shape)
-    return result[margin : margin + image.shape[0], margin : margin + image.shape[1]]
+    return result[: image.shape[0], : image.shape[1]]
 
 
 def with_tta(predict_fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:

@@ -27,8 +27,8 @@ import tensorflow as tf  # noqa: E402
 
 from data import DEFAULT_NORMALIZATION, MitoError, atomic_write, error_reason  # noqa: E402
 
-# 1024 px kept per tile plus the default overlap of a depth-4 U-Net (2 x 128): a 1024 x 1024 slice is one
-# tile, larger slices are cut into 1024-px cores (see benchmarks/bench_predict.py and README, Performance).
+# Slices up to 1280 px (1024 x 1024 included) are one bare prediction; larger ones are cut into tiles that
+# overlap by the default 2 x 128 px of a depth-4 U-Net (see benchmarks/bench_predict.py and README, Performance).
 DEFAULT_PREDICTION_TILE = 1280
 
 __all__ = [

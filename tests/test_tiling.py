@@ -21,20 +21,33 @@ def test_identity_through_tiles_reproduces_the_input(shape, tile_size, overlap, 
     np.testing.assert_array_equal(predict_tiled(identity, image, tile_size, overlap, align, batch_size=3), image)
 
 
-@pytest.mark.parametrize("shape", AWKWARD_SHAPES)
-def test_tiles_partition_the_image_and_respect_the_alignment(shape):
-    tile_size, overlap, align = 96, 32, 16
+@pytest.mark.parametrize("shape", AWKWARD_SHAPES + [(1024, 1024), (1300, 2100)])
+@pytest.mark.parametrize("tile_size, overlap, align", [(96, 32, 16), (100, 0, 8), (1280, 256, 16)])
+def test_tiles_partition_the_image_with_margins_only_between_tiles(shape, tile_size, overlap, align):
     layout = tile_layout(shape, tile_size, overlap, align)
     written = np.zeros(shape, int)
+    tile_y, tile_x = layout.tile_shape
     for tile in layout.tiles:
         written[tile.write] += 1
         assert all(s.start % align == 0 for s in tile.read)  # same pooling grid as the whole image
         kept = [s.stop - s.start for s in tile.keep]
         assert kept == [s.stop - s.start for s in tile.write]
-        assert all(s.start >= overlap // 2 for s in tile.keep)  # centre kept, border thrown away
+        for read, keep, side, length in zip(tile.read, tile.keep, layout.tile_shape, shape):
+            # A border inside the image is at least overlap // 2 from what is kept; the image's edge is not.
+            assert keep.start >= overlap // 2 or read.start == 0
+            assert side - keep.stop >= overlap // 2 or read.start + side >= length
     assert (written == 1).all()
-    assert all(side % align == 0 and side <= tile_size for side in layout.tile_shape)
-    assert layout.pad[0][0] == layout.pad[1][0] >= overlap // 2
+    assert all(side % align == 0 for side in layout.tile_shape)
+    assert tile_y <= max(tile_size, shape[0] + align) and tile_x <= max(tile_size, shape[1] + align)
+    assert all(before == 0 and after < align for before, after in layout.pad)  # only to the alignment
+
+
+def test_a_slice_that_fits_is_one_tile_and_a_large_one_wastes_little():
+    single = tile_layout((1024, 1024), 1280, 256, 16)
+    assert single.tile_shape == (1024, 1024) and len(single.tiles) == 1
+    large = tile_layout((8192, 8192), 1280, 256, 16)
+    computed = len(large.tiles) * large.tile_shape[0] * large.tile_shape[1] / 8192**2
+    assert computed < 1.5  # every tile shrunk to what its neighbours need: (8 x 1248 / 8192)**2
 
 
 def test_a_tile_too_small_for_its_overlap_is_refused():
@@ -47,7 +60,7 @@ def test_tiny_unet_tiled_equals_whole_image_at_the_default_overlap():
     predict_fn = unet.make_predict_fn(unet.build_unet(config))
     image = np.random.default_rng(3).random((150, 203), dtype=np.float32)
     overlap = unet.default_overlap(config)
-    whole = predict_whole(predict_fn, image, overlap // 2, config.alignment)
+    whole = predict_whole(predict_fn, image, config.alignment)
     tiled = predict_tiled(predict_fn, image, tile_size=96, overlap=overlap, align=config.alignment, batch_size=4)
     assert whole.std() > 1e-3  # the network's output really varies across the image
     assert len(tile_layout(image.shape, 96, overlap, config.alignment).tiles) > 4
