@@ -1108,8 +1108,8 @@ def predict_tiled(
     predict_fn maps a batch (n, ty, tx, 1) float32 to (n, ty, tx, 1) or
     (n, ty, tx). Returns (y, x) float32, written into ``out`` when given.
     Each output pixel comes from exactly one tile, taken at least
-    ``overlap // 2`` pixels away from that tile's border, so there are no
-    seams (see ``tile_layout``). Memory beyond the image and the output is one
+    ``overlap // 2`` pixels away from that tile's borders inside the image,
+    so there are no seams (see ``tile_layout``). Memory beyond the image and the output is one
     batch of tiles: the image is never padded or copied as a whole.
     """
     image = np.asarray(image)
