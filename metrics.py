@@ -72,6 +72,38 @@ def segmentation_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, f
     }
 
 
+ERROR_KINDS = ("false_objects", "missed_objects", "boundary", "other")
+
+
+def error_breakdown(predicted: np.ndarray, truth: np.ndarray, band: int = 2) -> dict[str, int]:
+    """The wrong pixels (false positives and negatives) sorted by what kind of mistake they are.
+
+    Each pixel goes to the first kind that fits: ``false_objects``, predicted objects that touch
+    no true mitochondrion; ``missed_objects``, true mitochondria that no prediction touches;
+    ``boundary``, within ``band`` pixels of a true mitochondrion's edge (inside or out); ``other``,
+    the rest (parts of found objects missed or grown well beyond their edge). Returns pixel counts.
+    """
+    from skimage.morphology import dilation, disk, erosion
+
+    predicted, truth = np.asarray(predicted) > 0, np.asarray(truth) > 0
+    wrong = predicted != truth
+    predicted_objects, truth_objects = connected_components(predicted), connected_components(truth)
+    touching = np.unique(predicted_objects[truth])
+    false_objects = wrong & (predicted_objects > 0) & ~np.isin(predicted_objects, touching)
+    found = np.unique(truth_objects[predicted])
+    missed_objects = wrong & (truth_objects > 0) & ~np.isin(truth_objects, found)
+    footprint = disk(band)
+    near_edge = dilation(truth, footprint) & ~erosion(truth, footprint)  # the image's border is no edge
+    boundary = wrong & near_edge & ~false_objects & ~missed_objects
+    counts = {
+        "false_objects": int(np.count_nonzero(false_objects)),
+        "missed_objects": int(np.count_nonzero(missed_objects)),
+        "boundary": int(np.count_nonzero(boundary)),
+    }
+    counts["other"] = int(np.count_nonzero(wrong)) - sum(counts.values())
+    return counts
+
+
 def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     """Per-score mean over images."""
     return {name: float(np.mean([row[name] for row in rows])) for name in SCORE_NAMES}

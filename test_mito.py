@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Score a trained model on <dataset>/test: Rand index, adapted Rand error, IoU, Dice, precision, recall.
 
-Prints a table (per image and mean) and writes scores.csv (per image) and
-summary.json to --output.
+Prints a table (per image and mean) and what kind of mistakes the wrong pixels
+are (false objects, missed objects, edges, other), and writes scores.csv (per
+image) and summary.json to --output.
 
 Examples:
   python test_mito.py --demo
@@ -24,6 +25,7 @@ from cli import Parser, add_debug_option, add_inference_options, make_segmenter,
 PROG = "test_mito.py"
 DEFAULTS = {"dataset": "dataset/SNEMI3D_mito", "model": "models/unet_mito.h5"}
 DEMO = {"dataset": "dataset/demo", "model": "models/demo_unet.h5"}
+ERROR_BAND = 2  # pixels: wrong pixels this close to a true edge count as boundary errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +62,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     import data
     import unet
-    from metrics import SCORE_NAMES, mean_scores, segmentation_scores
+    from metrics import ERROR_KINDS, SCORE_NAMES, error_breakdown, mean_scores, segmentation_scores
 
     model, settings = unet.load_model(args.model)
     segmenter = make_segmenter(args, model, settings)
@@ -73,10 +75,12 @@ def evaluate(args: argparse.Namespace) -> int:
     print(f"Model {args.model}: {segmenter.describe()}")
     print(f"Scoring {len(pairs)} images of {Path(args.dataset) / args.split}")
 
-    rows, started = [], time.time()
+    rows, errors, started = [], dict.fromkeys(ERROR_KINDS, 0), time.time()
     for pair, image, mask in tqdm(list(zip(pairs, images, masks)), desc="test", unit="image", file=sys.stderr):
         predicted = segmenter.mask(segmenter.probability(image))
         rows.append({"image": pair.image.name, **segmentation_scores(predicted, mask)})
+        for kind, count in error_breakdown(predicted, mask, ERROR_BAND).items():
+            errors[kind] += count
         if args.overlays:
             (output / "overlays").mkdir(exist_ok=True)
             picture = data.overlay(image, [(mask, (0, 255, 0)), (predicted, (255, 0, 255))])
@@ -88,6 +92,12 @@ def evaluate(args: argparse.Namespace) -> int:
     print(header)
     for row in rows + [{"image": "mean", **mean}]:
         print(f"{row['image']:<16}" + "".join(f"{row[name]:>20.4f}" for name in SCORE_NAMES))
+
+    wrong = sum(errors.values())
+    shares = {kind: round(count / wrong, 4) if wrong else 0.0 for kind, count in errors.items()}
+    print(f"Wrong pixels {wrong}: false objects {shares['false_objects']:.1%}, missed objects "
+          f"{shares['missed_objects']:.1%}, within {ERROR_BAND} px of a true edge {shares['boundary']:.1%}, "
+          f"other {shares['other']:.1%}")
 
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=["image", *SCORE_NAMES])
@@ -105,6 +115,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "tile_size": segmenter.tile_size,
         "overlap": segmenter.overlap,
         "mean": {name: round(value, 6) for name, value in mean.items()},
+        "errors": {"band_px": ERROR_BAND, "pixels": errors, "shares": shares},
         "seconds_per_image": round(seconds / len(rows), 3),
         "pixels_scored": int(sum(mask.size for mask in masks)),
         "foreground_fraction": round(float(np.mean([mask.mean() for mask in masks])), 4),

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from metrics import SCORE_NAMES, mean_scores, rand_index, segmentation_scores, tune_threshold
+from metrics import SCORE_NAMES, error_breakdown, mean_scores, rand_index, segmentation_scores, tune_threshold
 
 
 def brute_force_rand_index(a, b):
@@ -105,3 +105,23 @@ def test_measurements_of_known_objects():
     assert summary["mean_area_nm2"] == pytest.approx((350 + disc_area) / 3 * 25)
     assert measure_mitochondria(np.zeros((5, 5), np.uint16)) == []
     assert "area_nm2" not in measure_mitochondria(instances)[0]
+
+
+def test_wrong_pixels_are_sorted_by_kind_of_mistake():
+    truth = np.zeros((60, 80), bool)
+    truth[5:15, 5:15] = True  # found, but one row too low: a boundary error
+    truth[25:35, 40:50] = True  # missed entirely
+    truth[40:60, 0:20] = True  # found exactly, touching the image's border (which is no edge)
+    truth[40:56, 50:66] = True  # found with a notch cut 6 px deep into its middle: "other" beyond the band
+    predicted = truth.copy()
+    predicted[5, 5:15], predicted[15, 5:15] = False, True
+    predicted[25:35, 40:50] = False
+    predicted[2:6, 30:36] = True  # a false object, 24 px
+    predicted[45:51, 52:60] = False  # 6 x 8 notch inside the fourth object (2 px inside its left edge)
+    counts = error_breakdown(predicted, truth, band=2)
+    assert counts["false_objects"] == 24 and counts["missed_objects"] == 100
+    assert counts["boundary"] == 20
+    # The notch lies wholly outside the 2-px band along the object's edge: all "other".
+    assert counts["other"] == 6 * 8
+    assert sum(counts.values()) == np.count_nonzero(predicted != truth)
+    assert error_breakdown(truth, truth) == {"false_objects": 0, "missed_objects": 0, "boundary": 0, "other": 0}

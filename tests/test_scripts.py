@@ -69,6 +69,12 @@ def test_test_script_scores_every_image(tiny_model, small_dataset, tmp_path, cap
     summary = json.loads((output / "summary.json").read_text())
     assert summary["images"] == 1 and set(summary["mean"]) == set(SCORE_NAMES)
     assert all(0 <= value <= 1 for value in summary["mean"].values())
+    errors = summary["errors"]
+    assert set(errors["pixels"]) == {"false_objects", "missed_objects", "boundary", "other"}
+    assert all(isinstance(count, int) and count >= 0 for count in errors["pixels"].values())
+    wrong = sum(errors["pixels"].values())
+    assert wrong > 0 and sum(errors["shares"].values()) == pytest.approx(1, abs=1e-3)  # a 2-step model errs
+    assert f"Wrong pixels {wrong}:" in printed
     rows = (output / "scores.csv").read_text().splitlines()
     assert rows[0].split(",") == ["image", *SCORE_NAMES] and len(rows) == 2
 
