@@ -120,8 +120,9 @@ def model_rate(preset_name: str, args) -> dict:
                              dropout=preset["dropout"], head_filters=preset["head_filters"],
                              batch_norm=preset["batch_norm"]).validate()
     batch = args.batch_size if args.quick else preset["batch_size"]
+    on_cpu = not tf.config.list_physical_devices("GPU")
     model = unet.compile_unet(unet.build_unet(config), preset["learning_rate"], preset["loss"],
-                              preset["foreground_weight"])
+                              preset["foreground_weight"], jit_compile=on_cpu)  # as training_mito.py compiles
     rng = np.random.default_rng(0)
     x = tf.constant(rng.random((batch, args.tile_size, args.tile_size, 1), np.float32))
     y = tf.constant((rng.random(x.shape) > 0.9).astype(np.float32))
@@ -133,7 +134,7 @@ def model_rate(preset_name: str, args) -> dict:
     measured = rate(step, args.seconds, warmup=1, minimum=2)  # the first step builds the graph
     return {"kind": "model", "model": preset_name, "filters": config.base_filters, "depth": config.depth,
             "batch_norm": config.batch_norm, "tile_size": args.tile_size, "batch_size": batch,
-            "device": "GPU" if tf.config.list_physical_devices("GPU") else "CPU", **measured}
+            "device": "CPU" if on_cpu else "GPU", "xla": on_cpu, **measured}
 
 
 def main(argv=None) -> int:

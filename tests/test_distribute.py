@@ -79,6 +79,29 @@ def test_devices_naming_a_missing_gpu_is_one_line_error(small_dataset, tmp_path,
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.skipif(tf.config.list_physical_devices("GPU"), reason="checks the strategy of a machine without GPUs")
+def test_without_a_gpu_training_runs_on_the_cpu_alone_with_xla(small_dataset, tmp_path, capsys):
+    strategy = training_mito.make_strategy("all")
+    assert strategy.num_replicas_in_sync == 1 and training_mito.replica_devices(strategy) == ["CPU"]
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING]) == 0
+    printed = capsys.readouterr().out
+    assert "Replicas    1 (CPU)" in printed and "deterministic on, XLA on" in printed
+    assert json.loads((tmp_path / "m.json").read_text())["training"]["options"]["xla"] is True
+
+
+def test_xla_with_determinism_on_several_replicas_is_refused_in_one_line(small_dataset, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, training_mito
+        sys.exit(training_mito.main({["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"),
+                                      "--devices", "cpu:2", "--xla", "--deterministic", *TINY_TRAINING]!r}))
+    """)
+    result = run_python(code)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and "--xla with --deterministic" in error[0]
+    assert not (tmp_path / "m.h5").exists()
+
+
 def test_multi_worker_on_keras_3_explains_the_legacy_switch(small_dataset, tmp_path, monkeypatch, capsys):
     cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))

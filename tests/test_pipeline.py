@@ -39,6 +39,8 @@ def test_augment_none_means_no_augmentation():
     args = training_mito.parse_args(["--augment", "none", "--preset", "cpu"])
     assert args.augment == "none" and args.augmentation == "none"
     assert training_mito.parse_args([]).augment == "keras"  # the faithful default
+    assert training_mito.parse_args(["--preset", "cpu"]).augment == "fast"  # the same transforms, 2.5x the steps
+    assert training_mito.parse_args(["--preset", "cpu", "--augment", "keras"]).augment == "keras"
 
 
 def test_a_bad_augment_value_is_a_one_line_error():
