@@ -11,11 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED_SAMPLE = REPO.parent / "shared" / "datasets" / "em_mito_sample"
 
-# Options that make training take seconds on a CPU.
+# Options that make training take seconds on a CPU. XLA's compilation would double that for
+# steps this few; the tests that need XLA (training's CPU default) drop "--no-xla".
 TINY_TRAINING = [
     "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--tile-size", "64",
-    "--filters", "4", "--depth", "2", "--workers", "1",
+    "--filters", "4", "--depth", "2", "--workers", "1", "--no-xla",
 ]
+TINY_TRAINING_XLA = [option for option in TINY_TRAINING if option != "--no-xla"]
 
 
 @pytest.fixture(scope="session")

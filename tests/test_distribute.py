@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_TRAINING
+from conftest import REPO, TINY_TRAINING, TINY_TRAINING_XLA
 
 import data
 import training_mito
@@ -83,7 +83,8 @@ def test_devices_naming_a_missing_gpu_is_one_line_error(small_dataset, tmp_path,
 def test_without_a_gpu_training_runs_on_the_cpu_alone_with_xla(small_dataset, tmp_path, capsys):
     strategy = training_mito.make_strategy("all")
     assert strategy.num_replicas_in_sync == 1 and training_mito.replica_devices(strategy) == ["CPU"]
-    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING]) == 0
+    argv = ["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING_XLA]
+    assert training_mito.main(argv) == 0
     printed = capsys.readouterr().out
     assert "Replicas    1 (CPU)" in printed and "deterministic on, XLA on" in printed
     assert json.loads((tmp_path / "m.json").read_text())["training"]["options"]["xla"] is True
@@ -93,7 +94,7 @@ def test_xla_with_determinism_on_several_replicas_is_refused_in_one_line(small_d
     code = textwrap.dedent(f"""
         import sys, training_mito
         sys.exit(training_mito.main({["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"),
-                                      "--devices", "cpu:2", "--xla", "--deterministic", *TINY_TRAINING]!r}))
+                                      "--devices", "cpu:2", *TINY_TRAINING, "--xla", "--deterministic"]!r}))
     """)
     result = run_python(code)
     assert result.returncode == 2, result.stderr[-3000:]
