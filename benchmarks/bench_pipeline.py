@@ -134,7 +134,7 @@ def model_rate(preset_name: str, args) -> dict:
     measured = rate(step, args.seconds, warmup=1, minimum=2)  # the first step builds the graph
     return {"kind": "model", "model": preset_name, "filters": config.base_filters, "depth": config.depth,
             "batch_norm": config.batch_norm, "tile_size": args.tile_size, "batch_size": batch,
-            "device": "CPU" if on_cpu else "GPU", "xla": on_cpu, **measured}
+            "device": "CPU" if on_cpu else "GPU", "xla": bool(model.jit_compile), **measured}
 
 
 def main(argv=None) -> int:
