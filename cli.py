@@ -43,6 +43,7 @@ def _number(convert, accept, expected: str, must: str):
 positive_int = _number(int, lambda value: value >= 1, "a positive integer", "a positive integer")
 non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0", ">= 0")
 positive_float = _number(float, lambda value: value > 0, "a positive number", "a positive number")
+scale_factor = _number(float, lambda value: 0 < value <= 4, "a number", "above 0 and at most 4 (the largest scale)")
 
 
 probability = _number(float, lambda value: 0 < value < 1, "a number between 0 and 1",
@@ -51,7 +52,9 @@ probability = _number(float, lambda value: 0 < value < 1, "a number between 0 an
 
 def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
-    group.add_argument("--tile-size", type=positive_int, help="tile side for prediction (default: the model's; 1280 for new models)")
+    group.add_argument("--tile-size", type=positive_int,
+                       help="tile side for prediction, in the pixels the model sees (default: the model's; 1280 "
+                            "for new models)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
     group.add_argument("--threshold", type=probability,

@@ -35,6 +35,8 @@ SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 DEFAULT_NORMALIZATION = {"mode": "percentile", "low": 1.0, "high": 99.8}
+# A model may see slices resampled (its settings' "scale"): 0.5 halves each side, 4 is the most enlargement.
+MAX_SCALE = 4.0
 
 
 class MitoError(Exception):
@@ -518,6 +520,40 @@ def load_split(
     pairs = find_pairs(root, split)
     loaded = [load_pair(pair, normalization) for pair in pairs]
     return pairs, [image for image, _ in loaded], [mask for _, mask in loaded]
+
+
+# --- resampling to the model's pixel size -------------------------------------------
+
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """A normalised (y, x) image resampled by ``scale`` (0.5 halves each side), float32.
+
+    Downscaling smooths first (anti-aliasing), so that a half-size slice looks like
+    the same tissue imaged at twice the pixel size.
+    """
+    if scale == 1:
+        return np.asarray(image, np.float32)
+    from skimage.transform import rescale
+
+    return rescale(np.asarray(image, np.float32), scale, order=1, anti_aliasing=scale < 1,
+                   preserve_range=True).astype(np.float32)
+
+
+def rescale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
+    """A (y, x) 0/1 mask resampled like ``rescale_image``: a pixel is foreground where most of it was."""
+    if scale == 1:
+        return np.asarray(mask, np.uint8)
+    return (rescale_image(mask, scale) >= 0.5).astype(np.uint8)
+
+
+def resize_probability(probability: np.ndarray, shape: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """A (y, x) probability map brought back to the slice's ``shape`` by bilinear interpolation."""
+    from skimage.transform import resize
+
+    resized = resize(probability, shape, order=1, anti_aliasing=False, preserve_range=True)
+    if out is None:
+        return resized.astype(np.float32)
+    out[...] = resized
+    return out
 
 
 # --- paired augmentation --------------------------------------------------------

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data import DEFAULT_NORMALIZATION, MitoError, atomic_write, error_reason  # noqa: E402
+from data import DEFAULT_NORMALIZATION, MAX_SCALE, MitoError, atomic_write, error_reason  # noqa: E402
 
 # Slices up to 1280 px (1024 x 1024 included) are one bare prediction; larger ones are cut into tiles that
 # overlap by the default 2 x 128 px of a depth-4 U-Net (see benchmarks/bench_predict.py and README, Performance).
@@ -448,6 +448,9 @@ def settings_errors(settings: dict) -> list[str]:
         value = settings.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             problems.append(f"{key}={value!r}: must be an integer >= {minimum}")
+    scale = settings.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale <= MAX_SCALE:
+        problems.append(f"scale={scale!r}: must be a number above 0 and at most {MAX_SCALE}")
     threshold = settings.get("threshold")
     if not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         problems.append(f"threshold={threshold!r}: must be a number between 0 and 1")
@@ -585,6 +588,7 @@ class Segmenter:
         self.threshold = settings["threshold"] if threshold is None else threshold
         self.postprocess = dict(settings.get("postprocess") or {}) if postprocess is None else postprocess
         self.tta, self.batch_size, self.precision = tta, batch_size, precision
+        self.scale = settings.get("scale", 1.0)  # the model sees slices resampled by this factor
         config = UNetConfig.from_dict(settings["unet"])
         self.align = config.alignment
         if self.overlap >= self.tile_size:
@@ -593,10 +597,19 @@ class Segmenter:
         self.predict_fn = with_tta(predict_fn) if tta else predict_fn
 
     def probability(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(y, x) normalised image -> (y, x) float32 mitochondria probability (into ``out`` if given)."""
-        from data import predict_tiled
+        """(y, x) normalised image -> (y, x) float32 mitochondria probability (into ``out`` if given).
 
-        return predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align, self.batch_size, out)
+        A model trained at a scale other than 1 predicts the resampled slice (tile size and
+        overlap count its pixels), and the probability is interpolated back to the slice's size.
+        """
+        from data import predict_tiled, rescale_image, resize_probability
+
+        if self.scale == 1:
+            return predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align, self.batch_size,
+                                 out)
+        resampled = predict_tiled(self.predict_fn, rescale_image(image, self.scale), self.tile_size, self.overlap,
+                                  self.align, self.batch_size)
+        return resize_probability(resampled, np.shape(image), out)
 
     def mask(self, probability: np.ndarray) -> np.ndarray:
         """Threshold and post-process a probability map: (y, x) bool."""
@@ -610,4 +623,5 @@ class Segmenter:
                 f"{post.get('max_hole', 0)} px filled, tiles {self.tile_size}px with overlap {self.overlap}px"
                 + (f", batches of {self.batch_size}" if self.batch_size > 1 else "")
                 + (f", {self.precision}" if self.precision != "float32" else "")
+                + (f", slices resampled x{self.scale:g}" if self.scale != 1 else "")
                 + (", test-time augmentation x8" if self.tta else ""))

@@ -214,3 +214,23 @@ def test_gray_palette_labels_read_as_their_values_without_a_colour_warning(tmp_p
         label = data.read_image(tmp_path / "label.png")
     np.testing.assert_array_equal(label, mask)
     data.check_label_values(label, tmp_path / "label.png")
+
+
+def test_resampling_keeps_the_field_of_view_and_comes_back_to_the_slice_size():
+    y, x = np.mgrid[0:96, 0:131]
+    image = (0.5 + 0.4 * np.sin(y / 9) * np.cos(x / 11)).astype(np.float32)  # smooth, so halving loses little
+    half = data.rescale_image(image, 0.5)
+    assert half.shape == (48, 66) and half.dtype == np.float32
+    back = data.resize_probability(half, image.shape)
+    assert back.shape == image.shape and back.dtype == np.float32
+    assert np.abs(back - image)[2:-2, 2:-2].max() < 0.03  # the same place, not shifted by half a pixel
+    out = np.zeros(image.shape, np.float32)
+    assert data.resize_probability(half, image.shape, out) is out and np.array_equal(out, back)
+    np.testing.assert_array_equal(data.rescale_image(image, 1), image)
+
+    mask = np.zeros(image.shape, np.uint8)
+    mask[20:61, 30:91] = 1
+    small = data.rescale_mask(mask, 0.5)
+    assert small.shape == half.shape and small.dtype == np.uint8 and set(np.unique(small)) == {0, 1}
+    assert abs(4 * int(small.sum()) - int(mask.sum())) < 0.05 * mask.sum()  # the area is kept
+    assert small[10:30, 15:45].all() and not small[:9].any()

@@ -251,3 +251,24 @@ def test_training_can_log_for_tensorboard(small_dataset, tmp_path):
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"),
                                *TINY_TRAINING, "--tensorboard", str(logs)]) == 0
     assert list(logs.rglob("events.out.tfevents.*"))
+
+
+def test_a_model_trained_at_half_scale_keeps_its_scale_and_masks_slices_at_their_size(small_dataset, tmp_path, capsys):
+    import training_mito
+
+    path = tmp_path / "half.h5"
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *TINY_TRAINING,
+                               "--scale", "0.5"]) == 0
+    assert "resampled x0.5" in capsys.readouterr().out
+    assert training_mito.main(["--model", str(path), "--resume", "--epochs", "2"]) == 0  # keeps the run's scale
+    assert "resampled x0.5" in capsys.readouterr().out
+    _, settings = unet.load_model(path)
+    assert settings["scale"] == 0.5 and settings["training"]["options"]["scale"] == 0.5
+    source, output = tmp_path / "slices", tmp_path / "masks"
+    source.mkdir()
+    iio.imwrite(source / "odd.png", (np.random.default_rng(3).random((37, 203)) * 255).astype(np.uint8))
+    assert prediction_mito.main(["--input", str(source), "--model", str(path), "--output", str(output)]) == 0
+    assert iio.imread(output / "odd.png").shape == (37, 203)
+    assert test_mito.main(["--model", str(path), "--dataset", str(small_dataset), "--output",
+                           str(tmp_path / "scores")]) == 0
+    assert json.loads((tmp_path / "scores" / "summary.json").read_text())["pixels_scored"] == 160 * 200

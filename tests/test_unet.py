@@ -146,3 +146,28 @@ def test_compile_offers_the_named_losses():
         assert np.isfinite(logs["loss"]) and "iou" in logs
     with pytest.raises(ConfigError):
         unet.compile_unet(unet.build_unet(TINY), loss="hinge")
+
+
+def test_a_model_trained_at_half_scale_predicts_at_half_scale_and_answers_at_full_size(tmp_path):
+    model = unet.build_unet(TINY)
+    segmenter = unet.Segmenter(model, {**settings_for(TINY), "scale": 0.5})
+    seen = []
+
+    def identity(batch):
+        seen.append(batch.shape)
+        return batch
+
+    segmenter.predict_fn = identity
+    y, x = np.mgrid[0:75, 0:122]
+    image = (0.5 + 0.4 * np.sin(y / 8) * np.cos(x / 10)).astype(np.float32)
+    probability = segmenter.probability(image)
+    assert probability.shape == image.shape and probability.dtype == np.float32
+    assert all(max(shape[1:3]) <= 64 for shape in seen)  # the network saw the half-size slice
+    assert np.abs(probability - image)[2:-2, 2:-2].max() < 0.03
+    assert "resampled x0.5" in segmenter.describe()
+
+    path = tmp_path / "model.h5"
+    for bad in (0, -1, 5, "half", True):
+        unet.save_model(model, path, {**settings_for(TINY), "scale": bad})
+        with pytest.raises(ModelError, match="scale="):
+            unet.load_model(path)
