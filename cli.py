@@ -43,6 +43,7 @@ def _number(convert, accept, expected: str, must: str):
 positive_int = _number(int, lambda value: value >= 1, "a positive integer", "a positive integer")
 non_negative_int = _number(int, lambda value: value >= 0, "an integer >= 0", ">= 0")
 positive_float = _number(float, lambda value: value > 0, "a positive number", "a positive number")
+# 4 is data.MAX_SCALE, written out so that --help needs no NumPy.
 scale_factor = _number(float, lambda value: 0 < value <= 4, "a number", "above 0 and at most 4 (the largest scale)")
 
 
