@@ -347,6 +347,32 @@ class TrainingCheckpoints(tf.keras.callbacks.Callback):
         })
 
 
+class SliceValidation(tf.keras.callbacks.Callback):
+    """After every epoch, log ``val_slice_iou``: the foreground IoU of the whole validation
+    slices, predicted as test and prediction will (tiled, resampled by the model's scale),
+    at the threshold that suits them best.
+
+    The tile IoU at 0.5 (``val_iou``) moves with the model's calibration from epoch to
+    epoch; this is the score the finished model is tuned and judged by. Callbacks after
+    this one (checkpoints, CSV, progress) see it in the epoch's logs.
+    """
+
+    def __init__(self, settings: dict, images, masks):
+        super().__init__()
+        self.settings, self.images, self.masks = settings, images, masks
+        self.segmenter = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from metrics import tune_threshold
+
+        if self.segmenter is None:  # one traced inference function, reading the weights as they train
+            self.segmenter = Segmenter(self.model, self.settings)
+        probabilities = [self.segmenter.probability(image) for image in self.images]
+        _, iou = tune_threshold(probabilities, self.masks)
+        if logs is not None:
+            logs["val_slice_iou"] = iou
+
+
 def _seed_states(model: tf.keras.Model) -> dict:
     """The random-stream positions of the dropout layers, which model files do not keep."""
     return {

@@ -272,3 +272,24 @@ def test_a_model_trained_at_half_scale_keeps_its_scale_and_masks_slices_at_their
     assert test_mito.main(["--model", str(path), "--dataset", str(small_dataset), "--output",
                            str(tmp_path / "scores")]) == 0
     assert json.loads((tmp_path / "scores" / "summary.json").read_text())["pixels_scored"] == 160 * 200
+
+
+def test_training_picks_the_epoch_with_the_best_whole_slice_validation_iou(small_dataset, tmp_path):
+    import training_mito
+    from data import load_split
+    from metrics import tune_threshold
+
+    path = tmp_path / "slice.h5"
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *TINY_TRAINING,
+                               "--epochs", "3", "--monitor", "val_slice_iou", "--learning-rate", "0.01"]) == 0
+    model, settings = unet.load_model(path)
+    logged = settings["history"]["val_slice_iou"]
+    assert len(logged) == 3 and all(0 <= value <= 1 for value in logged)
+    assert settings["training"]["best_epoch"] == int(np.argmax(logged)) + 1
+    assert settings["training"]["best_val_slice_iou"] == max(logged)
+    # The logged score is the saved model's: whole valid slices, as test_mito.py predicts them, best threshold.
+    _, images, masks = load_split(small_dataset, "valid", settings["normalization"])
+    segmenter = unet.Segmenter(model, settings)
+    _, iou = tune_threshold([segmenter.probability(image) for image in images], masks)
+    assert iou == pytest.approx(max(logged), abs=1e-6)
+    assert "val_slice_iou" in path.with_suffix(".csv").read_text().splitlines()[0]
