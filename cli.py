@@ -7,8 +7,11 @@ scripts import TensorFlow only after their arguments are parsed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,8 +95,53 @@ def add_debug_option(parser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_NATIVE_LOG_LINE = re.compile(r"[IWEF]\d{4} ")  # absl/glog: severity letter, then MMDD
+
+
+@contextlib.contextmanager
+def native_log_filter(level: int):
+    """Hold back what native code writes to stderr meanwhile, then write back all but the
+    absl/glog lines below ``level`` (TF_CPP_MIN_LOG_LEVEL: 1 hides I, 2 also W, 3 also E)."""
+    hidden = "IWE"[:max(level, 0)]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if hidden and (line.startswith(_ABSL_PREAMBLE) or (_NATIVE_LOG_LINE.match(line) and line[0] in hidden)):
+                    continue
+                sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow, holding back the start-up lines that TF_CPP_MIN_LOG_LEVEL asks to hide.
+
+    Abseil writes what is logged before its initialisation to stderr whatever the level
+    (abseil/abseil-cpp#1718): on CPUs where TensorFlow turns oneDNN on, every script started
+    with four such lines.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    with native_log_filter(level):
+        import tensorflow  # noqa: F401
+
+
 def run_cli(prog: str, run: Callable[[], int | None], debug: bool = False) -> int:
     """Run a script body: a user error (MitoError) becomes one line on stderr and exit code 2."""
+    import_tensorflow_quietly()
     from data import MitoError
 
     try:

@@ -326,3 +326,23 @@ def test_the_saved_model_has_no_optimizer_and_no_code(tiny_model):
         assert "optimizer_weights" not in file
         assert b"Lambda" not in file.attrs["model_config"].encode() if isinstance(
             file.attrs["model_config"], str) else b"Lambda" not in file.attrs["model_config"]
+
+
+@pytest.mark.parametrize("level, kept", [
+    (0, ["preamble", "I0000", "W0000", "E0000", "plain"]),
+    (2, ["E0000", "plain"]),
+    (3, ["plain"]),
+])
+def test_native_start_up_lines_are_held_back_as_the_log_level_asks(level, kept, capfd):
+    import cli
+
+    lines = {
+        "preamble": "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000": "I0000 00:00:1795779452.492365    8674 port.cc:153] oneDNN custom operations are on.",
+        "W0000": "W0000 00:00:1795779452.492365    8674 some.cc:1] a warning",
+        "E0000": "E0000 00:00:1795779452.492365    8674 some.cc:2] an error",
+        "plain": "UserWarning: written by Python, kept whatever the level",
+    }
+    with cli.native_log_filter(level):
+        os.write(2, "".join(line + "\n" for line in lines.values()).encode())
+    assert capfd.readouterr().err == "".join(lines[name] + "\n" for name in kept)
