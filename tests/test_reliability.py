@@ -65,6 +65,14 @@ RESUMABLE[RESUMABLE.index("--epochs") + 1] = "4"
 RESUMABLE[RESUMABLE.index("--steps-per-epoch") + 1] = "12"
 
 
+def saved_epochs(resume_file) -> int:
+    """The epochs a running training has saved a resume point for (0 while none can be read)."""
+    try:
+        return json.loads(resume_file.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_training_killed_at_any_moment_keeps_its_best_model_and_resumes_exactly(small_dataset, tmp_path):
     reference = tmp_path / "reference.h5"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(reference), *RESUMABLE]) == 0
@@ -75,7 +83,11 @@ def test_training_killed_at_any_moment_keeps_its_best_model_and_resumes_exactly(
     deadline = time.time() + 300
     while not resume_file.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere in epochs 2-3, maybe mid-save
+    # Somewhere in epochs 2-3, maybe mid-save; on a fast CPU these epochs take well under the
+    # 1.5 s, so the kill also comes as soon as epoch 3 is saved.
+    kill_at = time.time() + random.uniform(0.0, 1.5)
+    while time.time() < kill_at and process.poll() is None and saved_epochs(resume_file) < 3:
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
