@@ -65,11 +65,11 @@ RESUMABLE[RESUMABLE.index("--epochs") + 1] = "4"
 RESUMABLE[RESUMABLE.index("--steps-per-epoch") + 1] = "12"
 
 
-def saved_epochs(resume_file) -> int:
-    """The epochs a running training has saved a resume point for (0 while none can be read)."""
+def saved_epochs(model_path) -> int:
+    """The epochs a running training has saved a resume point for (0 while there is none)."""
     try:
-        return json.loads(resume_file.read_text())["epoch"]
-    except (OSError, ValueError, KeyError):
+        return unet.read_resume_state(model_path)["epoch"]
+    except unet.ModelError:
         return 0
 
 
@@ -86,7 +86,7 @@ def test_training_killed_at_any_moment_keeps_its_best_model_and_resumes_exactly(
     # Somewhere in epochs 2-3, maybe mid-save; on a fast CPU these epochs take well under the
     # 1.5 s, so the kill also comes as soon as epoch 3 is saved.
     kill_at = time.time() + random.uniform(0.0, 1.5)
-    while time.time() < kill_at and process.poll() is None and saved_epochs(resume_file) < 3:
+    while time.time() < kill_at and process.poll() is None and saved_epochs(model) < 3:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
