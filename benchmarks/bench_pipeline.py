@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                           "beside the repository if present, else the demo in dataset/demo)")
     parser.add_argument("--augmentation", choices=["standard", "strong"], default="strong",
                         help="augmentation strength, as training_mito.py --augmentation (default: strong, "
-                             "the cpu preset's)")
+                             "the heavier one, blur included)")
     parser.add_argument("--tile-size", type=positive_int, default=256, help="training tile side (default: 256)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="tiles per batch of the pipelines (default: 8); the models use their preset's")
