@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--augmentation", choices=["standard", "strong"], default="strong",
                         help="augmentation strength, as training_mito.py --augmentation (default: strong, "
                              "the heavier one, blur included)")
+    parser.add_argument("--geometry", choices=["affine", "dihedral"], default="affine",
+                        help="geometric changes, as training_mito.py --geometry (default: affine, the heavier one; "
+                             "the cpu preset uses dihedral)")
     parser.add_argument("--tile-size", type=positive_int, default=256, help="training tile side (default: 256)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="tiles per batch of the pipelines (default: 8); the models use their preset's")
@@ -92,7 +95,7 @@ def rate(step, seconds: float, warmup: int = 2, minimum: int = 3) -> dict:
 def pipeline_rate(engine: str, images, masks, args) -> dict:
     import data
 
-    geometry, intensity = data.AUGMENTATIONS["none" if engine == "none" else args.augmentation]
+    geometry, intensity = data.GEOMETRIES[args.geometry], data.INTENSITY_AUGMENTATIONS[args.augmentation]
     tiles_class = data.FastTrainingTiles if engine == "fast" else data.TrainingTiles
     tiles = tiles_class(images, masks, args.tile_size, args.batch_size, steps_per_epoch=1000,
                         augment=engine != "none", seed=0, geometry=geometry, intensity=intensity)
@@ -104,7 +107,8 @@ def pipeline_rate(engine: str, images, masks, args) -> dict:
 
     measured = rate(step, args.seconds)
     del iterator
-    return {"kind": "pipeline", "pipeline": engine, "augmentation": "none" if engine == "none" else args.augmentation,
+    augmentation = "none" if engine == "none" else f"{args.augmentation}, {args.geometry}"
+    return {"kind": "pipeline", "pipeline": engine, "augmentation": augmentation,
             "tile_size": args.tile_size, "batch_size": args.batch_size, "workers": args.workers, **measured}
 
 

@@ -179,3 +179,47 @@ def test_the_fast_dataset_refuses_several_machines_with_a_message():
     with pytest.raises(data.DataError, match="--augment keras"):
         fast_tiles().dataset(0, 1, 1, context)
     assert fast_tiles().dataset(0, 1, 1, tf.distribute.InputContext()) is not None  # one machine is fine
+
+
+# --- the dihedral geometry (--geometry dihedral): exact flips and 90-degree rotations -----
+
+
+def symmetries(array):
+    """The 8 symmetries of a square array (axes 0 and 1)."""
+    for turned in (array, np.swapaxes(array, 0, 1)):
+        for flipped in (turned, turned[::-1], turned[:, ::-1], turned[::-1, ::-1]):
+            yield flipped
+
+
+def symmetry_of_a_crop(tile, mask_tile, source, source_mask):
+    """Which of the 8 symmetries turns ``tile`` and ``mask_tile`` back into a crop of the sources (None if none).
+
+    ``source`` encodes each pixel's position in its value, so the tile's corner names the crop.
+    """
+    height, width = source.shape
+    size = tile.shape[0]
+    for number, (image, mask) in enumerate(zip(symmetries(tile), symmetries(mask_tile))):
+        top, left = divmod(int(np.rint(image[0, 0] * height * width)), width)
+        crop = (slice(top, top + size), slice(left, left + size))
+        if source[crop].shape == image.shape and np.array_equal(image, source[crop]):
+            np.testing.assert_array_equal(mask, source_mask[crop])
+            return number
+    return None
+
+
+@pytest.mark.parametrize("engine", ["keras", "fast"])
+def test_dihedral_tiles_are_exact_crops_flipped_or_turned_with_their_masks(engine):
+    height, width, tile_size = 40, 44, 32  # crops often touch the last row and column
+    source = (np.arange(height * width, dtype=np.float32) / (height * width)).reshape(height, width)
+    source_mask = (np.random.default_rng(0).random((height, width)) < 0.3).astype(np.uint8)
+    tiles_class = data.FastTrainingTiles if engine == "fast" else data.TrainingTiles
+    tiles = tiles_class([source], [source_mask], tile_size, batch_size=8, steps_per_epoch=4, seed=5,
+                        geometry=data.DIHEDRAL_AUGMENTATION, intensity={})
+    assert data.augmentation_context(tile_size, data.DIHEDRAL_AUGMENTATION) == 0
+    found = []
+    for index in range(4):
+        x, y = tiles.batch(0, index)
+        for tile, mask_tile in zip(x[..., 0], y[..., 0]):
+            found.append(symmetry_of_a_crop(tile, mask_tile.astype(np.uint8), source, source_mask))
+    assert None not in found  # every tile is an exact crop, flipped or turned, never interpolated
+    assert set(found) == set(range(8))  # and all 8 symmetries occur

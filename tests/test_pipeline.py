@@ -19,20 +19,21 @@ def train(argv, capsys):
 def test_fast_augmentation_trains_resumes_with_it_and_old_runs_resume_as_keras(small_dataset, tmp_path, capsys):
     model = tmp_path / "fast.h5"
     printed = train(["--dataset", str(small_dataset), "--model", str(model), *TINY_TRAINING, "--augment", "fast",
-                     "--augmentation", "strong"], capsys)
-    assert "augmentation strong (fast)" in printed
+                     "--augmentation", "strong", "--geometry", "dihedral"], capsys)
+    assert "augmentation strong (fast), geometry dihedral" in printed
     _, settings = unet.load_model(model)
     assert settings["training"]["options"]["augment"] == "fast"
+    assert settings["training"]["options"]["geometry"] == "dihedral"
 
     printed = train(["--model", str(model), "--resume", "--epochs", "2"], capsys)  # takes the run's options
-    assert "augmentation strong (fast)" in printed
+    assert "augmentation strong (fast), geometry dihedral" in printed
 
     resume_file = unet.resume_json_path(model)
     state = json.loads(resume_file.read_text())
-    del state["options"]["augment"]  # as written before --augment existed
+    del state["options"]["augment"], state["options"]["geometry"]  # as written before those options existed
     resume_file.write_text(json.dumps(state))
     printed = train(["--model", str(model), "--resume", "--epochs", "3"], capsys)
-    assert "augmentation strong (keras)" in printed
+    assert "augmentation strong (keras), geometry affine" in printed
 
 
 def test_augment_none_means_no_augmentation():
@@ -40,6 +41,8 @@ def test_augment_none_means_no_augmentation():
     assert args.augment == "none" and args.augmentation == "none"
     assert training_mito.parse_args([]).augment == "keras"  # the faithful default
     assert training_mito.parse_args(["--preset", "cpu"]).augment == "fast"  # the same transforms, 2.5x the steps
+    assert training_mito.parse_args(["--preset", "cpu"]).geometry == "dihedral"
+    assert training_mito.parse_args(["--preset", "gpu"]).geometry == "affine"  # the faithful recipe
     assert training_mito.parse_args(["--preset", "cpu", "--augment", "keras"]).augment == "keras"
 
 
