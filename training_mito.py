@@ -502,8 +502,10 @@ def train(args: argparse.Namespace) -> int:
             validation_batch_size=global_batch,
             callbacks=[
                 unet.SliceValidation(settings, valid_images, valid_masks),  # before the callbacks that read it
-                checkpoints,
+                # The log before the resume point: a kill between the two repeats an epoch's row on
+                # resume instead of losing it.
                 tf.keras.callbacks.CSVLogger(str(model_path.with_suffix(".csv")), append=bool(state)),
+                checkpoints,
                 tf.keras.callbacks.TerminateOnNaN(),
                 *([tf.keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []),
             ],
