@@ -961,7 +961,7 @@ class TrainingTiles:
         self.images, self.masks = list(images), list(masks)
         self.tile_size, self.batch_size, self.steps_per_epoch = tile_size, batch_size, steps_per_epoch
         self.augment, self.seed = augment, seed
-        geometry = (geometry or GEOMETRIC_AUGMENTATION) if augment else None
+        geometry = (GEOMETRIC_AUGMENTATION if geometry is None else geometry) if augment else None
         self.generator = _image_data_generator(geometry) if augment else None
         self.transpose = bool(augment and geometry.get("transpose"))
         self.intensity = INTENSITY_AUGMENTATION if intensity is None else intensity

@@ -223,3 +223,17 @@ def test_dihedral_tiles_are_exact_crops_flipped_or_turned_with_their_masks(engin
             found.append(symmetry_of_a_crop(tile, mask_tile.astype(np.uint8), source, source_mask))
     assert None not in found  # every tile is an exact crop, flipped or turned, never interpolated
     assert set(found) == set(range(8))  # and all 8 symmetries occur
+
+
+@pytest.mark.parametrize("engine", ["keras", "fast"])
+def test_an_empty_geometry_moves_nothing_in_either_engine(engine):
+    height, width, tile_size = 40, 44, 32
+    source = (np.arange(height * width, dtype=np.float32) / (height * width)).reshape(height, width)
+    source_mask = (np.random.default_rng(0).random((height, width)) < 0.3).astype(np.uint8)
+    tiles_class = data.FastTrainingTiles if engine == "fast" else data.TrainingTiles
+    tiles = tiles_class([source], [source_mask], tile_size, batch_size=8, steps_per_epoch=2, seed=5,
+                        geometry={}, intensity={})
+    x, y = tiles.batch(0, 0)
+    found = {symmetry_of_a_crop(tile, mask_tile.astype(np.uint8), source, source_mask)
+             for tile, mask_tile in zip(x[..., 0], y[..., 0])}
+    assert found == {0}  # unflipped, unturned exact crops, as with geometry=None for no augmentation
