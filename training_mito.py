@@ -54,9 +54,10 @@ PRESETS = {
     # A small, fast U-Net that trains within 30 minutes on 2 CPU cores. Chosen on the real sample's
     # validation split (README "Results on real EM"): with batch norm (momentum 0.9) it learns about
     # twice as fast per step as without; 16 base filters cost 2.4x the time of 8 and gained nothing at equal
-    # steps. Slices halved (scale 0.5): the model underfits, and a 128 px tile then covers 256 px of tissue
-    # for the same step cost, while mitochondria (16-100 px across) stay 8 px or more. The fast augmentation
-    # engine and XLA make a step about 0.35 s, so 3,600 steps fit in about 23 min (0.18 s and 11 min with AVX-512).
+    # steps. Slices halved (scale 0.5): a 128 px tile then covers 256 px of tissue for the same step cost,
+    # while mitochondria (16-100 px across) stay 8 px or more; full resolution (a stride-2 stem) cost 1.9x and
+    # gained nothing. The fast augmentation engine and XLA make a step about 0.35 s, so 3,600 steps fit in
+    # about 23 min (0.18 s and 11 min with AVX-512); 4,800 steps gained nothing on validation.
     # The saved epoch is the one whose whole validation slices score best, as the tuned model is judged.
     # Standard intensity changes: over three seeds they beat the strong ones on validation, test and the worst
     # case under intensity perturbations. Dihedral geometry (flips, 90-degree turns): interpolated rotations
