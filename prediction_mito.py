@@ -50,7 +50,8 @@ def shard_files(files: list, shard: tuple[int, int] | None) -> list:
     return files[index - 1 :: count]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
+    """The command line of prediction_mito.py."""
     parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--input", help="folder of EM images, or one image file or multi-page TIFF stack")
     parser.add_argument("--demo", action="store_true", help=f"predict {DEMO['input']} with the demo model")
@@ -72,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "share per job of a cluster array; all shards may write into the same --output")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
         for key, value in DEMO.items():

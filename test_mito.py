@@ -28,7 +28,8 @@ DEMO = {"dataset": "dataset/demo", "model": "models/demo_unet.h5"}
 ERROR_BAND = 2  # pixels: wrong pixels this close to a true edge count as boundary errors
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
+    """The command line of test_mito.py."""
     parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--demo", action="store_true", help="score the demo model on the demo data")
     parser.add_argument("--dataset", help=f"dataset root with test/images and test/labels (default: {DEFAULTS['dataset']}; demo: {DEMO['dataset']})")
@@ -39,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write overlays/<stem>.png: ground truth outlined in green, prediction in magenta")
     add_inference_options(parser.add_argument_group("prediction"))
     add_debug_option(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for key, value in (DEMO if args.demo else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -112,6 +118,7 @@ def evaluate(args: argparse.Namespace) -> int:
         "threshold": segmenter.threshold,
         "postprocess": segmenter.postprocess,
         "tta": segmenter.tta,
+        "precision": segmenter.precision,
         "tile_size": segmenter.tile_size,
         "overlap": segmenter.overlap,
         "mean": {name: round(value, 6) for name, value in mean.items()},

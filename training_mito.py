@@ -212,7 +212,8 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
+    """The command line of training_mito.py (the preset defaults are filled in by parse_args)."""
     parser = Parser(prog=PROG, description=__doc__)
 
     def default(key):
@@ -303,6 +304,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "With TF_CONFIG naming several workers, training runs on all of them")
     train.add_argument("--tensorboard", metavar="DIR", help="also log losses and metrics for TensorBoard to DIR")
     add_debug_option(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     if args.demo and args.preset:

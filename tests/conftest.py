@@ -37,3 +37,31 @@ def tiny_model(tmp_path_factory, small_dataset):
     path = tmp_path_factory.mktemp("models") / "tiny.h5"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *TINY_TRAINING]) == 0
     return path
+
+
+# A short but real training: enough steps on the synthetic demo slices for the U-Net to learn
+# mitochondria (tests/test_learning.py holds it to a floor), cheap enough for every CI run.
+LEARNING_RECIPE = [
+    "--filters", "8", "--depth", "3", "--dropout", "0", "--head-filters", "0", "--batch-norm",
+    "--loss", "bce_dice", "--learning-rate", "5e-3", "--epochs", "4", "--steps-per-epoch", "15",
+    "--batch-size", "8", "--tile-size", "96", "--workers", "1", "--no-xla", "--seed", "42",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """The synthetic demo at 256 x 256: 4 train, 1 valid, 2 test slices, plus unlabeled/."""
+    import data
+
+    root = tmp_path_factory.mktemp("demo") / "dataset"
+    return data.make_demo_dataset(root, seed=2015, shape=(256, 256), splits={"train": 4, "valid": 1, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def learned_model(tmp_path_factory, demo_dataset):
+    """A model trained by LEARNING_RECIPE on ``demo_dataset``: its masks have real objects, holes and edges."""
+    import training_mito
+
+    path = tmp_path_factory.mktemp("learned") / "learned.h5"
+    assert training_mito.main(["--dataset", str(demo_dataset), "--model", str(path), *LEARNING_RECIPE]) == 0
+    return path

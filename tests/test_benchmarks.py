@@ -38,7 +38,8 @@ def test_robustness_benchmark_scores_every_perturbation(tiny_model, small_datase
     table = capsys.readouterr().out.splitlines()
     for name in robustness.perturbations():
         row = next(line for line in table if line.startswith(name))
-        assert all(0.0 <= float(value) <= 1.0 for value in row[30:].split())
+        values = [float(value) for value in row[30:].split()]
+        assert len(values) == 6 and all(0.0 <= value <= 1.0 for value in values)
 
 
 def test_figure_script_draws_the_four_panels(tiny_model, small_dataset, tmp_path):

@@ -206,7 +206,7 @@ def test_training_refuses_bad_datasets_before_any_work(case, tmp_path, capsys):
 def test_scoring_refuses_bad_test_splits(case, tiny_model, tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     breakage, message = breakages()[case]
-    breakage(root / "x") if False else breakage(root)
+    breakage(root)
     # The breakages target train/ or valid/; score that split.
     split = "valid" if case == "not an image" else "train"
     code = test_mito.main(["--dataset", str(root), "--split", split, "--model", str(tiny_model),
@@ -238,9 +238,20 @@ def test_colour_16bit_float_and_tiny_images_are_handled(tiny_model, tmp_path, ca
 
 
 def test_training_pads_images_smaller_than_a_tile(tmp_path):
+    import data
+
     root = make_dataset(tmp_path / "data", shape=(40, 50))
     assert training_mito.main(["--dataset", str(root), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING,
                                "--tile-size", "128"]) == 0
+    settings = json.loads((tmp_path / "m.json").read_text())
+    assert settings["train_tile_size"] == 128 and np.isfinite(settings["history"]["loss"]).all()
+    # A 40 x 50 slice gives 128 px tiles by reflection, the mask reflected alike.
+    image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50) / 2000
+    mask = (image > 0.5).astype(np.uint8)
+    tiles = data.TrainingTiles([image], [mask], 128, 2, 1, augment=False, seed=0)
+    x, y = tiles.batch(0, 0)
+    assert x.shape == y.shape == (2, 128, 128, 1)
+    np.testing.assert_array_equal(y[..., 0], (x[..., 0] > 0.5).astype(np.float32))
 
 
 def models_that_are_wrong(tiny_model, tmp_path):

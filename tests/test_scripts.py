@@ -36,11 +36,17 @@ def test_help_answers_without_importing_tensorflow(script):
 
 def test_training_writes_a_loadable_model_with_its_settings(tiny_model):
     model, settings = unet.load_model(tiny_model)
-    assert model.count_params() == unet.build_unet(unet.UNetConfig.from_dict(settings["unet"])).count_params()
     assert settings["unet"]["depth"] == 2 and settings["unet"]["base_filters"] == 4
     assert settings["train_tile_size"] == 64
     assert settings["overlap"] == unet.default_overlap(unet.UNetConfig.from_dict(settings["unet"]))
-    assert 0 < settings["threshold"] < 1 and settings["threshold_tuned_on"].startswith("valid")
+    assert settings["threshold_tuned_on"] == "valid (1 images)"
+    # The stored threshold is the one that suits the validation slice best, as metrics.tune_threshold finds it.
+    from data import load_split
+    from metrics import tune_threshold
+
+    _, images, masks = load_split(settings["training"]["dataset"], "valid", settings["normalization"])
+    segmenter = unet.Segmenter(model, settings)
+    assert settings["threshold"] == tune_threshold([segmenter.probability(image) for image in images], masks)[0]
     assert set(settings["history"]) >= {"loss", "val_loss", "iou", "val_iou"}
     assert settings["training"]["replicas"] >= 1 and settings["training"]["global_batch_size"] >= 2
     assert settings["normalization"]["mode"] == "percentile"
@@ -68,15 +74,25 @@ def test_test_script_scores_every_image(tiny_model, small_dataset, tmp_path, cap
     assert "rand_index" in printed and "mean" in printed
     summary = json.loads((output / "summary.json").read_text())
     assert summary["images"] == 1 and set(summary["mean"]) == set(SCORE_NAMES)
-    assert all(0 <= value <= 1 for value in summary["mean"].values())
-    errors = summary["errors"]
-    assert set(errors["pixels"]) == {"false_objects", "missed_objects", "boundary", "other"}
-    assert all(isinstance(count, int) and count >= 0 for count in errors["pixels"].values())
-    wrong = sum(errors["pixels"].values())
-    assert wrong > 0 and sum(errors["shares"].values()) == pytest.approx(1, abs=1e-3)  # a 2-step model errs
-    assert f"Wrong pixels {wrong}:" in printed
     rows = (output / "scores.csv").read_text().splitlines()
     assert rows[0].split(",") == ["image", *SCORE_NAMES] and len(rows) == 2
+    per_image = dict(zip(SCORE_NAMES, map(float, rows[1].split(",")[1:])))
+    assert summary["mean"] == pytest.approx(per_image, abs=1e-6)  # one image: its scores are the mean
+    # The scores and the wrong pixels are those of the model's masks, as the Segmenter makes them.
+    from data import load_split
+    from metrics import error_breakdown, segmentation_scores
+
+    model, settings = unet.load_model(tiny_model)
+    _, images, truths = load_split(small_dataset, "test", settings["normalization"])
+    segmenter = unet.Segmenter(model, settings)
+    predicted = segmenter.mask(segmenter.probability(images[0]))
+    assert per_image == pytest.approx(segmentation_scores(predicted, truths[0]), abs=1e-6)
+    errors = summary["errors"]
+    assert errors["pixels"] == error_breakdown(predicted, truths[0], errors["band_px"])
+    wrong = sum(errors["pixels"].values())
+    assert wrong == np.count_nonzero(predicted != truths[0]) > 0  # a 2-step model errs
+    assert sum(errors["shares"].values()) == pytest.approx(1, abs=1e-3)
+    assert f"Wrong pixels {wrong}:" in printed
 
 
 def test_prediction_writes_one_mask_per_image_of_any_size(tiny_model, small_dataset, tmp_path):
@@ -106,7 +122,7 @@ def test_prediction_keeps_existing_outputs_unless_overwrite(tiny_model, small_da
     argv = ["--input", str(source), "--model", str(tiny_model), "--output", str(output)]
     assert prediction_mito.main(argv) == 0
     first = sorted(output.iterdir())
-    assert len(first) == len(list(source.iterdir()))
+    assert len(first) == len(list(source.iterdir())) == 2
     for path in first:
         path.write_bytes(b"user's own file")
     assert prediction_mito.main(argv) == 0
@@ -185,27 +201,31 @@ def test_demo_training_generates_data_trains_and_scores(tmp_path, monkeypatch, c
     assert summary["images"] == 2
 
 
-def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(tiny_model, tmp_path):
+def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(learned_model, tmp_path):
     import csv
 
+    import data
     from metrics import label_instances
 
     rng = np.random.default_rng(2)
-    stack = (rng.random((3, 70, 90)) * 4000).astype(np.uint16)  # 16-bit, like many microscopes
+    pages = [data.synthetic_em_slice(rng, (120, 150))[0] for _ in range(3)]
+    stack = (np.stack(pages).astype(np.uint16) * 16)  # 16-bit, like many microscopes
     tifffile.imwrite(tmp_path / "volume.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     output = tmp_path / "out"
-    argv = ["--input", str(tmp_path / "volume.tif"), "--model", str(tiny_model), "--output", str(output),
-            "--instances", "--pixel-size", "8", "--overlays", "--save-prob", "--threshold", "0.3"]
+    argv = ["--input", str(tmp_path / "volume.tif"), "--model", str(learned_model), "--output", str(output),
+            "--instances", "--pixel-size", "8", "--overlays", "--save-prob"]
     assert prediction_mito.main(argv) == 0
     masks = tifffile.imread(output / "volume.tif")
-    assert masks.shape == (3, 70, 90) and masks.dtype == np.uint8 and set(np.unique(masks)) <= {0, 255}
+    assert masks.shape == (3, 120, 150) and masks.dtype == np.uint8 and set(np.unique(masks)) == {0, 255}
     with tifffile.TiffFile(output / "volume.tif") as tiff:
         assert tiff.is_imagej and tiff.imagej_metadata["images"] == 3  # one Z stack in Fiji / napari
     instances = tifffile.imread(output / "volume_instances.tif")
     assert instances.shape == masks.shape and instances.dtype == np.uint16
     assert np.array_equal(instances > 0, masks > 0)
-    assert tifffile.imread(output / "volume_prob.tif").shape == (3, 70, 90)
-    assert tifffile.imread(output / "volume_overlay.tif").shape == (3, 70, 90, 3)
+    probability = tifffile.imread(output / "volume_prob.tif")
+    assert probability.shape == (3, 120, 150) and probability.dtype == np.float32
+    overlay = tifffile.imread(output / "volume_overlay.tif")
+    assert overlay.shape == (3, 120, 150, 3) and overlay.dtype == np.uint8
     with open(output / "measurements.csv") as file:
         rows = list(csv.DictReader(file))
     with open(output / "slices.csv") as file:
@@ -213,35 +233,67 @@ def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(ti
     assert [int(row["slice"]) for row in slices] == [0, 1, 2]
     for index, page in enumerate(masks):
         expected = label_instances(page)
+        assert expected.max() >= 2  # the learned model finds several mitochondria on each page
         assert int(slices[index]["count"]) == expected.max()
         page_rows = [row for row in rows if int(row["slice"]) == index]
         assert len(page_rows) == expected.max()
         assert sum(float(row["area_px"]) for row in page_rows) == (page > 0).sum()
-    if rows:
-        assert float(rows[0]["area_nm2"]) == float(rows[0]["area_px"]) * 64
+    for row in rows:  # --pixel-size 8: areas in nm^2 are 64 times the pixel counts, lengths 8 times
+        assert float(row["area_nm2"]) == pytest.approx(float(row["area_px"]) * 64)
+        assert float(row["major_axis_nm"]) == pytest.approx(float(row["major_axis_px"]) * 8)
 
 
-def test_instances_and_overlays_for_a_folder_and_a_rerun_that_adds_them(tiny_model, small_dataset, tmp_path):
-    source, output = small_dataset / "unlabeled", tmp_path / "out"
-    base = ["--input", str(source), "--model", str(tiny_model), "--output", str(output), "--threshold", "0.3"]
+def test_instances_and_overlays_for_a_folder_and_a_rerun_that_adds_them(learned_model, demo_dataset, tmp_path):
+    from skimage.segmentation import find_boundaries
+
+    from metrics import label_instances
+
+    source, output = demo_dataset / "unlabeled", tmp_path / "out"
+    base = ["--input", str(source), "--model", str(learned_model), "--output", str(output)]
     assert prediction_mito.main(base) == 0
     masks_before = {path.name: path.read_bytes() for path in output.glob("*.png")}
+    assert len(masks_before) == 2
     assert prediction_mito.main(base + ["--instances", "--overlays"]) == 0  # derived from the existing masks
     assert {path.name: path.read_bytes() for path in output.glob("[!.]*[0-9].png")} == masks_before
     for name in masks_before:
         stem = name.removesuffix(".png")
-        mask = iio.imread(output / name)
-        assert tifffile.imread(output / f"{stem}_instances.tif").shape == mask.shape
-        assert iio.imread(output / f"{stem}_overlay.png").shape == (*mask.shape, 3)
+        mask = iio.imread(output / name) > 0
+        assert mask.any()
+        np.testing.assert_array_equal(tifffile.imread(output / f"{stem}_instances.tif"), label_instances(mask))
+        overlay = iio.imread(output / f"{stem}_overlay.png")
+        assert overlay.shape == (*mask.shape, 3)
+        outline = find_boundaries(mask, mode="inner")
+        assert (overlay[outline] == (255, 0, 255)).all() and not (overlay[~outline] == (255, 0, 255)).all(-1).any()
     assert (output / "measurements.csv").read_text().startswith("image,slice,label,area_px")
 
 
-def test_test_script_overlays_show_truth_and_prediction(tiny_model, small_dataset, tmp_path):
+def test_test_script_overlays_show_truth_and_prediction(learned_model, demo_dataset, tmp_path):
+    from skimage.segmentation import find_boundaries
+
+    import data
+
     output = tmp_path / "scores"
-    assert test_mito.main(["--model", str(tiny_model), "--dataset", str(small_dataset), "--output", str(output),
+    assert test_mito.main(["--model", str(learned_model), "--dataset", str(demo_dataset), "--output", str(output),
                            "--overlays"]) == 0
-    pictures = list((output / "overlays").glob("*.png"))
-    assert len(pictures) == 1 and iio.imread(pictures[0]).shape == (160, 200, 3)
+    pictures = sorted((output / "overlays").glob("*.png"))
+    assert len(pictures) == 2
+    model, settings = unet.load_model(learned_model)
+    segmenter = unet.Segmenter(model, settings)
+    _, images, truths = data.load_split(demo_dataset, "test", settings["normalization"])
+    for picture, image, truth in zip(pictures, images, truths):
+        overlay = iio.imread(picture)
+        predicted = segmenter.mask(segmenter.probability(image))
+        truth_outline, predicted_outline = find_boundaries(truth > 0, mode="inner"), find_boundaries(predicted, mode="inner")
+        assert truth_outline.any() and predicted_outline.any()
+        # Ground truth in green, the prediction in magenta on top of it.
+        assert (overlay[predicted_outline] == (255, 0, 255)).all()
+        assert (overlay[truth_outline & ~predicted_outline] == (0, 255, 0)).all()
+
+
+def tf_value(event):
+    import tensorflow as tf
+
+    return tf.make_ndarray(event.tensor_proto)
 
 
 def test_training_can_log_for_tensorboard(small_dataset, tmp_path):
@@ -250,7 +302,15 @@ def test_training_can_log_for_tensorboard(small_dataset, tmp_path):
     logs = tmp_path / "tb"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"),
                                *TINY_TRAINING, "--tensorboard", str(logs)]) == 0
-    assert list(logs.rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    history = json.loads((tmp_path / "m.json").read_text())["history"]
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        events = EventAccumulator(str(logs / run), size_guidance={"tensors": 0})
+        events.Reload()
+        assert "epoch_loss" in events.Tags()["tensors"], events.Tags()
+        logged = [float(tf_value(event)) for event in events.Tensors("epoch_loss")]
+        assert logged == pytest.approx(history[prefix + "loss"], rel=1e-5)
 
 
 def test_a_model_trained_at_half_scale_keeps_its_scale_and_masks_slices_at_their_size(small_dataset, tmp_path, capsys):

@@ -90,9 +90,16 @@ def test_prefetch_keeps_the_order_and_raises_where_the_loop_would():
         for item in data.prefetch(failing()):
             seen.append(item)
     assert seen == [0, 1, 2]
-    for item in data.prefetch(iter(range(10**9))):  # stopping early stops the thread
+    import threading
+
+    before = threading.active_count()
+    loop = data.prefetch(iter(range(10**9)))
+    for item in loop:
         if item == 5:
             break
+    assert threading.active_count() == before + 1  # the reader is still waiting for the loop
+    loop.close()  # what leaving the loop does once the generator is dropped: the reader stops
+    assert threading.active_count() == before
 
 
 def test_the_overlapped_pipeline_gives_what_slice_by_slice_prediction_gives(tiny_model, tmp_path):

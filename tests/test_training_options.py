@@ -1,0 +1,176 @@
+"""Each training option checked by its effect: what the saved model, its JSON or its resume point holds."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_TRAINING
+
+import training_mito
+import unet
+
+
+def train(dataset, model, *options):
+    return training_mito.main(["--dataset", str(dataset), "--model", str(model), *TINY_TRAINING, *options])
+
+
+def resume_point(model_path):
+    """The compiled model saved for --resume, optimizer and loss included."""
+    state = unet.read_resume_state(model_path)
+    return state, unet.load_resume_model(model_path, state)
+
+
+def assert_same_weights(first, second):
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cosine_schedule_decays_the_rate_and_an_interrupted_run_resumes_on_it(small_dataset, tmp_path, monkeypatch):
+    options = ["--epochs", "2", "--lr-schedule", "cosine", "--learning-rate", "0.01"]
+    whole = tmp_path / "whole.h5"
+    assert train(small_dataset, whole, *options) == 0
+    _, finished = resume_point(whole)
+    # CosineDecay to alpha = 1 % of the initial rate over all 2 x 2 steps.
+    assert float(finished.optimizer.learning_rate) == pytest.approx(0.01 * 0.01, rel=1e-3)
+    assert json.loads(whole.with_suffix(".json").read_text())["training"]["options"]["lr_schedule"] == "cosine"
+
+    constant = tmp_path / "constant.h5"
+    assert train(small_dataset, constant, "--learning-rate", "0.01") == 0
+    assert float(resume_point(constant)[1].optimizer.learning_rate) == pytest.approx(0.01)
+
+    # The same run stopped after its first epoch (as by Ctrl-C), then resumed: the schedule goes on.
+    original = unet.TrainingCheckpoints.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted.h5"
+    monkeypatch.setattr(unet.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
+    assert train(small_dataset, interrupted, *options) == 130
+    monkeypatch.setattr(unet.TrainingCheckpoints, "on_epoch_end", original)
+    assert unet.read_resume_state(interrupted)["epoch"] == 1
+    assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
+    _, resumed = resume_point(interrupted)
+    assert float(resumed.optimizer.learning_rate) == pytest.approx(float(finished.optimizer.learning_rate))
+    assert_same_weights(resumed.get_weights(), finished.get_weights())
+    assert json.loads(interrupted.with_suffix(".json").read_text())["history"] == \
+        json.loads(whole.with_suffix(".json").read_text())["history"]
+
+
+def test_loss_and_foreground_weight_reach_the_compiled_loss(small_dataset, tmp_path):
+    path = tmp_path / "weighted.h5"
+    assert train(small_dataset, path, "--loss", "bce", "--foreground-weight", "5") == 0
+    state, model = resume_point(path)
+    assert (model.loss.kind, model.loss.foreground_weight) == ("bce", 5.0)
+    assert state["options"]["foreground_weight"] == 5.0
+    # The weight multiplies the cross-entropy of mitochondria pixels only.
+    truth = np.array([[1.0, 0.0]], np.float32).reshape(1, 1, 2, 1)
+    guess = np.array([[0.3, 0.3]], np.float32).reshape(1, 1, 2, 1)
+    plain = float(unet.SegmentationLoss("bce")(truth, guess))
+    weighted = float(unet.SegmentationLoss("bce", 5.0)(truth, guess))
+    foreground, background = -np.log(0.3), -np.log(0.7)
+    assert plain == pytest.approx((foreground + background) / 2, rel=1e-5)
+    assert weighted == pytest.approx((5 * foreground + background) / 2, rel=1e-5)
+
+    dice = tmp_path / "dice.h5"
+    assert train(small_dataset, dice, "--loss", "dice") == 0
+    assert resume_point(dice)[1].loss.kind == "dice"
+
+
+def test_patience_stops_a_run_that_no_longer_improves(small_dataset, tmp_path, capsys):
+    path = tmp_path / "patient.h5"
+    # A learning rate too small to move float32 weights: the validation loss never improves after epoch 1.
+    assert train(small_dataset, path, "--epochs", "5", "--patience", "1", "--monitor", "val_loss",
+                 "--learning-rate", "1e-12") == 0
+    settings = json.loads(path.with_suffix(".json").read_text())
+    assert len(settings["history"]["loss"]) == 2 and settings["training"]["best_epoch"] == 1
+    assert "patience 1" in capsys.readouterr().out
+
+
+def test_monitor_val_iou_keeps_the_epoch_with_the_best_tile_iou(small_dataset, tmp_path):
+    path = tmp_path / "iou.h5"
+    assert train(small_dataset, path, "--epochs", "3", "--monitor", "val_iou", "--learning-rate", "0.01") == 0
+    settings = json.loads(path.with_suffix(".json").read_text())
+    logged = settings["history"]["val_iou"]
+    assert len(logged) == 3
+    assert settings["training"]["best_epoch"] == int(np.argmax(logged)) + 1
+    assert settings["training"]["best_val_iou"] == max(logged)
+
+
+def test_batch_norm_trains_saves_loads_and_resumes(small_dataset, tmp_path):
+    path = tmp_path / "bn.h5"
+    assert train(small_dataset, path, "--batch-norm") == 0
+    model, settings = unet.load_model(path)
+    assert settings["unet"]["batch_norm"] is True
+    variance = model.get_layer("enc0_bn1").moving_variance.numpy()
+    assert not np.allclose(variance, 1.0)  # the statistics were learnt and saved
+    assert training_mito.main(["--model", str(path), "--resume", "--epochs", "2"]) == 0
+    resumed, settings = unet.load_model(path)
+    assert settings["unet"]["batch_norm"] is True and len(settings["history"]["loss"]) == 2
+    assert "enc0_bn1" in {layer.name for layer in resumed.layers}
+    # The cpu preset has batch norm; --no-batch-norm takes it out.
+    assert training_mito.parse_args(["--preset", "cpu"]).batch_norm is True
+    assert training_mito.parse_args(["--preset", "cpu", "--no-batch-norm"]).batch_norm is False
+
+
+def test_architecture_normalisation_and_run_switches_are_recorded_and_used(small_dataset, tmp_path, capsys):
+    path = tmp_path / "switches.h5"
+    assert train(small_dataset, path, "--depth", "3", "--filters", "6", "--head-filters", "3",
+                 "--normalization", "range", "--no-augment", "--no-deterministic", "--no-xla") == 0
+    printed = capsys.readouterr().out
+    model, settings = unet.load_model(path)
+    assert model.get_layer("head_conv").filters == 3
+    assert model.get_layer("enc0_conv1").filters == 6 and "enc2_pool" in {layer.name for layer in model.layers}
+    assert (settings["unet"]["depth"], settings["unet"]["base_filters"], settings["unet"]["head_filters"]) == (3, 6, 3)
+    assert settings["normalization"] == {"mode": "range"}
+    options = settings["training"]["options"]
+    assert options["augmentation"] == "none" and options["deterministic"] is False and options["xla"] is False
+    assert "augmentation none" in printed and "deterministic off, XLA off" in printed
+    # Prediction reads the stored normalisation: a 16-bit slice is divided by 65535, not stretched.
+    import data
+
+    image = (np.random.default_rng(0).random((48, 64)) * 20000).astype(np.uint16)
+    segmenter = unet.Segmenter(model, settings)
+    by_range = segmenter.probability(data.normalize(image, settings["normalization"]))
+    np.testing.assert_allclose(by_range, segmenter.probability(image.astype(np.float32) / 65535), atol=1e-6)
+
+
+def test_the_number_of_tile_threads_does_not_change_the_weights(tiny_model, small_dataset, tmp_path):
+    path = tmp_path / "two_threads.h5"
+    options = [*TINY_TRAINING]
+    options[options.index("--workers") + 1] = "2"
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *options]) == 0
+    assert_same_weights(unet.load_model(path)[0].get_weights(), unet.load_model(tiny_model)[0].get_weights())
+
+
+def test_overwrite_replaces_the_model_and_its_resume_point(small_dataset, tmp_path):
+    path = tmp_path / "replaced.h5"
+    assert train(small_dataset, path, "--epochs", "2", "--seed", "1") == 0
+    before = unet.load_model(path)[0].get_weights()
+    assert train(small_dataset, path, "--overwrite", "--seed", "2") == 0
+    settings = json.loads(path.with_suffix(".json").read_text())
+    assert len(settings["history"]["loss"]) == 1 and settings["training"]["options"]["seed"] == 2
+    assert unet.read_resume_state(path)["epoch"] == 1  # the old run's resume point is gone
+    assert len(list(tmp_path.glob("replaced.resume-epoch*.keras"))) == 1
+    after = unet.load_model(path)[0].get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(small_dataset, tmp_path, capsys):
+    path = tmp_path / "done.h5"
+    assert train(small_dataset, path, "--epochs", "2") == 0
+    before = path.read_bytes()
+    assert training_mito.main(["--model", str(path), "--resume", "--epochs", "1"]) == 2
+    assert "--epochs 1 is below the 2 epochs already done" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
+    from data import DataError
+
+    with pytest.raises(DataError, match="dataset folder not found"):
+        training_mito.main(["--dataset", str(tmp_path / "missing"), "--model", str(tmp_path / "m.h5"), "--debug"])
