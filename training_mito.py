@@ -400,7 +400,7 @@ def train(args: argparse.Namespace) -> int:
         data.make_demo_dataset(args.dataset)
     normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
     _, train_images, train_masks = data.load_split(args.dataset, "train", normalization)
-    valid_pairs, valid_images, valid_masks = data.load_split(args.dataset, "valid", normalization)
+    _, valid_images, valid_masks = data.load_split(args.dataset, "valid", normalization)
     # The model learns on slices resampled by --scale; the threshold is tuned on the slices as they are.
     train_images = [data.rescale_image(image, args.scale) for image in train_images]
     train_masks = [data.rescale_mask(mask, args.scale) for mask in train_masks]
@@ -462,14 +462,8 @@ def train(args: argparse.Namespace) -> int:
     )
     options = {key: getattr(args, key) for key in RUN_OPTIONS} | {"epochs": args.epochs}
     settings = state["settings"] if state else {
-        "format": "emsegmentation-mito/1",
-        "unet": config.to_dict(),
-        "normalization": normalization,
-        "scale": args.scale,
+        **unet.default_settings(config, normalization, args.scale),
         "train_tile_size": args.tile_size,
-        "tile_size": unet.DEFAULT_PREDICTION_TILE,
-        "overlap": unet.default_overlap(config),
-        "threshold": 0.5,
         "threshold_tuned_on": None,
         "training": {
             "dataset": str(Path(args.dataset).resolve()),
@@ -524,13 +518,9 @@ def train(args: argparse.Namespace) -> int:
         print(f"Worker done ({time.time() - started:.0f} s); the chief writes the model")
         return 0
     seconds = time.time() - started
-    threshold, postprocess, valid_iou = tune_on_valid(model_path, settings, valid_images, valid_masks)
-    settings.update(
-        threshold=threshold,
-        postprocess=postprocess,
-        threshold_tuned_on=f"valid ({len(valid_pairs)} images)",
-        threshold_valid_iou=round(valid_iou, 4),
-    )
+    best, _ = unet.load_model(model_path)
+    settings.update(unet.tune_segmentation(best, settings, valid_images, valid_masks, progress=True))
+    threshold, postprocess, valid_iou = settings["threshold"], settings["postprocess"], settings["threshold_valid_iou"]
     settings["training"].update(
         best_epoch=checkpoints.best_epoch,
         **{f"best_{args.monitor}": checkpoints.best},
@@ -549,23 +539,6 @@ def train(args: argparse.Namespace) -> int:
         print("\nScoring the demo model on the demo test split:")
         return test_mito.main(["--model", str(model_path), "--dataset", args.dataset])
     return 0
-
-
-def tune_on_valid(model_path: Path, settings: dict, valid_images, valid_masks) -> tuple[float, dict, float]:
-    """Predict the validation images with the best model, as test and prediction will, then
-    tune the threshold and the post-processing on them. Returns (threshold, postprocess, IoU)."""
-    from tqdm import tqdm
-
-    import unet
-    from metrics import tune_postprocess, tune_threshold
-
-    best, _ = unet.load_model(model_path)
-    segmenter = unet.Segmenter(best, settings)
-    probabilities = [segmenter.probability(image)
-                     for image in tqdm(valid_images, desc="tune threshold", unit="image", file=sys.stderr)]
-    threshold, _ = tune_threshold(probabilities, valid_masks)
-    postprocess, iou = tune_postprocess([probability >= threshold for probability in probabilities], valid_masks)
-    return threshold, postprocess, iou
 
 
 def plot_curves(history: dict, path: Path) -> None:

@@ -488,16 +488,44 @@ def settings_errors(settings: dict) -> list[str]:
     return problems
 
 
-def default_settings(config: UNetConfig) -> dict:
-    """What prediction uses for a model that has no settings JSON."""
+def default_settings(config: UNetConfig, normalization: dict | None = None, scale: float = 1.0) -> dict:
+    """Settings of a new model (threshold 0.5, no clean-up): what prediction uses for a model
+    without a settings JSON, and where a model trained outside training_mito.py starts."""
     return {
+        "format": "emsegmentation-mito/1",
         "unet": config.to_dict(),
-        "normalization": dict(DEFAULT_NORMALIZATION),
+        "normalization": dict(normalization or DEFAULT_NORMALIZATION),
+        "scale": scale,
         "tile_size": DEFAULT_PREDICTION_TILE,
         "overlap": default_overlap(config),
         "threshold": 0.5,
         "postprocess": {"min_size": 0, "max_hole": 0},
     }
+
+
+def tune_segmentation(model: tf.keras.Model, settings: dict, images, masks, progress: bool = False) -> dict:
+    """The threshold and clean-up that suit ``images`` best (the validation split), as settings fields.
+
+    images: normalised (y, x) float32 slices at full size; masks: their 0/1 labels. The slices
+    are predicted as test_mito.py and prediction_mito.py will (``Segmenter``), then the threshold
+    and the small-object and hole sizes with the best foreground IoU are chosen. Returns
+    ``{"threshold", "postprocess", "threshold_tuned_on", "threshold_valid_iou"}`` to merge into
+    the settings.
+    """
+    from metrics import tune_postprocess, tune_threshold
+
+    segmenter = Segmenter(model, settings, postprocess={})
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        images = tqdm(images, desc="tune threshold", unit="image", file=sys.stderr)
+    probabilities = [segmenter.probability(image) for image in images]
+    threshold, _ = tune_threshold(probabilities, masks)
+    postprocess, iou = tune_postprocess([probability >= threshold for probability in probabilities], masks)
+    return {"threshold": threshold, "postprocess": postprocess, "threshold_tuned_on": f"valid ({len(masks)} images)",
+            "threshold_valid_iou": round(iou, 4)}
 
 
 def _infer_config(model: tf.keras.Model) -> UNetConfig:
