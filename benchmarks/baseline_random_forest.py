@@ -5,7 +5,7 @@ A random forest on scikit-image's multiscale_basic_features (Gaussian-smoothed
 intensity, edges and texture at sigmas 1..16, like ilastik's default pixel
 classifier) is trained on pixels sampled from the train split, its threshold
 is tuned on the valid split like the U-Net's, and both are scored on the test
-split with the same metrics code (metrics.py) in one run.
+split with the same metrics code (mito.metrics.py) in one run.
 
   python benchmarks/baseline_random_forest.py --dataset ../shared/datasets/em_mito_sample \
       --model models/em_cpu.h5
@@ -15,14 +15,17 @@ Needs scikit-learn (requirements-dev.txt).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import Parser, positive_int, run_cli  # noqa: E402
+from mito.cli import Parser, positive_int, run_cli  # noqa: E402
+import mito.files  # noqa: E402
+import mito.metrics  # noqa: E402
+import mito.model_files  # noqa: E402
+import mito.segmenter  # noqa: E402
 
 PROG = "baseline_random_forest.py"
 
@@ -50,12 +53,14 @@ def run(args) -> int:
     from sklearn.ensemble import RandomForestClassifier
 
     import data
-    from metrics import SCORE_NAMES, mean_scores, segmentation_scores, tune_threshold
+    from mito.metrics import SCORE_NAMES, mean_scores, segmentation_scores, tune_threshold
 
     normalization = data.DEFAULT_NORMALIZATION
-    _, train_images, train_masks = data.load_split(args.dataset, "train", normalization)
-    _, valid_images, valid_masks = data.load_split(args.dataset, "valid", normalization)
-    test_pairs, test_images, test_masks = data.load_split(args.dataset, "test", normalization)
+    _, train_raw, train_masks = data.load_split(args.dataset, "train")
+    _, valid_raw, valid_masks = data.load_split(args.dataset, "valid")
+    test_pairs, test_raw, test_masks = data.load_split(args.dataset, "test")
+    train_images, valid_images, test_images = ([data.normalize(image, normalization) for image in images]
+                                               for images in (train_raw, valid_raw, test_raw))
     rng = np.random.default_rng(args.seed)
 
     started = time.time()
@@ -82,16 +87,15 @@ def run(args) -> int:
         results[name] = {**mean_scores(rows), "train_seconds": train_seconds, "seconds_per_slice": seconds}
 
     if args.model:
-        import unet
 
-        model, settings = unet.load_model(args.model)
-        segmenter = unet.Segmenter(model, settings)
+        model, settings = mito.model_files.load_model(args.model)
+        segmenter = mito.segmenter.Segmenter(model, settings)
         started = time.time()
         rows = [segmentation_scores(segmenter.mask(segmenter.probability(image)), mask)
-                for image, mask in zip(test_images, test_masks)]
+                for image, mask in zip(test_raw, test_masks)]
         results[f"U-Net {Path(args.model).name}"] = {
             **mean_scores(rows),
-            "train_seconds": settings["training"].get("seconds", float("nan")),
+            "train_seconds": settings.training.get("seconds", float("nan")),
             "seconds_per_slice": (time.time() - started) / len(test_images),
         }
 
@@ -109,7 +113,7 @@ def run(args) -> int:
         import json
 
         report = json.dumps({"dataset": str(Path(args.dataset).resolve()), "results": results}, indent=2)
-        data.atomic_write(args.output, lambda temporary: temporary.write_text(report + "\n"))
+        mito.files.atomic_write(args.output, lambda temporary: temporary.write_text(report + "\n"))
     return 0
 
 

@@ -29,7 +29,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli import Parser, positive_float, positive_int  # noqa: E402
+from mito.cli import Parser, positive_float, positive_int  # noqa: E402
+import mito.augmentation  # noqa: E402
+import mito.demo  # noqa: E402
+import mito.fast_augmentation  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "datasets" / "em_mito_sample"
 ENGINES = ("keras", "fast", "none")
@@ -68,11 +71,11 @@ def training_data(args):
 
     root = Path(args.dataset) if args.dataset else SAMPLE if (SAMPLE / "train").is_dir() else None
     if root is None:
-        root = REPO / data.DEMO_ROOT
-        if not data.demo_is_complete(root):
-            data.make_demo_dataset(root)
+        root = REPO / mito.demo.DEMO_ROOT
+        if not mito.demo.demo_is_complete(root):
+            mito.demo.make_demo_dataset(root)
     _, images, masks = data.load_split(root, "train")
-    return root, images, masks
+    return root, [data.normalize(image) for image in images], masks
 
 
 def rate(step, seconds: float, warmup: int = 2, minimum: int = 3) -> dict:
@@ -93,10 +96,9 @@ def rate(step, seconds: float, warmup: int = 2, minimum: int = 3) -> dict:
 
 
 def pipeline_rate(engine: str, images, masks, args) -> dict:
-    import data
 
-    geometry, intensity = data.GEOMETRIES[args.geometry], data.INTENSITY_AUGMENTATIONS[args.augmentation]
-    tiles_class = data.FastTrainingTiles if engine == "fast" else data.TrainingTiles
+    geometry, intensity = mito.augmentation.GEOMETRIES[args.geometry], mito.augmentation.INTENSITY_AUGMENTATIONS[args.augmentation]
+    tiles_class = mito.fast_augmentation.FastTrainingTiles if engine == "fast" else mito.augmentation.TrainingTiles
     tiles = tiles_class(images, masks, args.tile_size, args.batch_size, steps_per_epoch=1000,
                         augment=engine != "none", seed=0, geometry=geometry, intensity=intensity)
     iterator = iter(tiles.dataset(0, 1000, args.workers))
@@ -117,7 +119,7 @@ def model_rate(preset_name: str, args) -> dict:
     import tensorflow as tf
 
     import unet
-    from training_mito import PRESETS
+    from mito.presets import PRESETS
 
     preset = PRESETS[preset_name]
     config = unet.UNetConfig(depth=2 if args.quick else preset["depth"], base_filters=4 if args.quick else preset["filters"],

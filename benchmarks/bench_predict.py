@@ -29,7 +29,6 @@ pooling, upsampling, concatenation and activations are left out (< 1 %).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -42,7 +41,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli import Parser, positive_int, run_cli  # noqa: E402
+from mito.cli import Parser, positive_int, run_cli  # noqa: E402
+import mito.demo  # noqa: E402
+import mito.files  # noqa: E402
+import mito.model_files  # noqa: E402
+import mito.segmenter  # noqa: E402
+import mito.tiling  # noqa: E402
 
 PROG = "bench_predict.py"
 
@@ -146,7 +150,7 @@ def write_slices(folder: Path, count: int, side: int) -> list:
 
     folder.mkdir(parents=True, exist_ok=True)
     base_side = min(side, 1024)
-    base = data.synthetic_em_slice(np.random.default_rng(0), (base_side, base_side))[0]
+    base = mito.demo.synthetic_em_slice(np.random.default_rng(0), (base_side, base_side))[0]
     slices = []
     for index in range(count):
         big = np.tile(base, (-(-side // base_side),) * 2)[:side, :side]
@@ -215,53 +219,23 @@ def save_random_model(config, folder: Path, name: str) -> Path:
     tf.keras.utils.set_random_seed(0)
     model = unet.build_unet(config)
     path = folder / f"{name}.h5"
-    unet.save_model(model, path, unet.default_settings(config))
+    mito.model_files.save_model(model, path, mito.model_files.default_settings(config))
     return path
 
 
-def bench_config(args, filters, precision, slices, folder: Path, work: Path, ceiling: dict, device: str) -> dict:
-    import numpy as np
-    import tensorflow as tf
-
-    import data
-    import prediction_mito
-    import unet
-
-    config = _config(filters, args.quick)
-    model_path = save_random_model(config, work, f"unet{filters}")
-    model, settings = unet.load_model(model_path)
-    segmenter = unet.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size,
-                               precision=precision)
-    images = [data.normalize(image, settings["normalization"]) for image in slices]
-    megapixels = sum(image.size for image in images) / 1e6
-    segmenter.probability(images[0])  # warm up: the first call of a shape also builds its kernels
-    tiled_seconds, tiled = 0.0, []
-    for image in images:
-        seconds, probability = timed(segmenter.probability, image)
-        tiled_seconds += seconds
-        tiled.append(probability)
-    layout = data.tile_layout(images[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
-    computed = len(layout.tiles) * layout.tile_shape[0] * layout.tile_shape[1] / images[0].size
-
-    whole_seconds, whole = timed(data.predict_whole, segmenter.predict_fn, images[0], segmenter.align)
-    whole_rate = images[0].size / 1e6 / whole_seconds
-
-    precise_model = unet.with_precision(model, config, precision)
-    naive_seconds, naive_tiles = naive_loop_seconds(precise_model, images[0], args.naive_tile, args.naive_stride,
-                                                    args.naive_tiles)
-
-    # The whole pipeline, as users run it, in steady state: a folder of N slices minus a folder of its first
-    # slice, which cancels the start-up (imports, model loading, first call) and the first read and last
-    # write that nothing can overlap.
+def steady_pipeline_rate(args, model_path: Path, precision: str, folder: Path, work: Path, megapixels: float) -> float:
+    """Megapixels per second of prediction_mito.py as users run it, in steady state: a folder of N slices
+    minus a folder of its first slice, which cancels the start-up (process, imports, model loading, first
+    call) and the first read and last write that nothing can overlap. ``megapixels``: those of slices 2..N."""
     extra = ["--precision", precision, "--batch-size", str(args.batch_size), "--save-prob"]
     extra += ["--tile-size", str(args.tile_size)] if args.tile_size else []
 
     def predict(source, output):
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
-            status = prediction_mito.main(["--input", str(source), "--model", str(model_path), "--output",
-                                           str(output), "--overwrite", *extra])
-        if status:
-            raise RuntimeError("prediction_mito.py failed in the benchmark")
+        command = [sys.executable, str(REPO / "prediction_mito.py"), "--input", str(source), "--model",
+                   str(model_path), "--output", str(output), "--overwrite", *extra]
+        result = subprocess.run(command, capture_output=True, text=True)  # stdout carries only our JSON lines
+        if result.returncode:
+            raise RuntimeError(f"prediction_mito.py failed in the benchmark: {result.stderr[-2000:]}")
 
     first = work / "first"
     if not first.exists():
@@ -269,7 +243,38 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
         (first / "0000.png").write_bytes((folder / "0000.png").read_bytes())
     one_seconds = timed(predict, first, work / "out_first")[0]
     all_seconds = timed(predict, folder, work / "out")[0]
-    pipeline_rate = (megapixels - images[0].size / 1e6) / max(all_seconds - one_seconds, 1e-9)
+    return megapixels / max(all_seconds - one_seconds, 1e-9)
+
+
+def bench_config(args, filters, precision, slices, folder: Path, work: Path, ceiling: dict, device: str) -> dict:
+    import numpy as np
+
+    config = _config(filters, args.quick)
+    model_path = save_random_model(config, work, f"unet{filters}")
+    model, settings = mito.model_files.load_model(model_path)
+    segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size,
+                               precision=precision)
+    images = list(slices)
+    megapixels = sum(image.size for image in images) / 1e6
+    segmenter.probability(images[0])  # warm up: the first call of a shape also builds its kernels
+    tiled_seconds, tiled = 0.0, []
+    for image in images:
+        seconds, probability = timed(segmenter.probability, image)
+        tiled_seconds += seconds
+        tiled.append(probability)
+    layout = mito.tiling.tile_layout(images[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
+    computed = len(layout.tiles) * layout.tile_shape[0] * layout.tile_shape[1] / images[0].size
+
+    whole_seconds, whole = timed(mito.tiling.predict_whole, segmenter.predict_fn, segmenter.normalize(images[0]),
+                                 segmenter.align)
+    whole_rate = images[0].size / 1e6 / whole_seconds
+
+    precise_model = mito.segmenter.with_precision(model, config, precision)
+    naive_seconds, naive_tiles = naive_loop_seconds(precise_model, images[0], args.naive_tile, args.naive_stride,
+                                                    args.naive_tiles)
+
+    pipeline_rate = steady_pipeline_rate(args, model_path, precision, folder, work,
+                                         megapixels - images[0].size / 1e6)
 
     flops = conv_flops_per_megapixel(model)
     tiled_rate = megapixels / tiled_seconds
@@ -280,7 +285,7 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
         "filters": filters,
         "depth": config.depth,
         "precision": precision,
-        "bf16_in_hardware": unet.cpu_supports_bfloat16(),
+        "bf16_in_hardware": mito.segmenter.cpu_supports_bfloat16(),
         "slices": len(images),
         "slice_shape": list(images[0].shape),
         "tile_size": segmenter.tile_size,
@@ -311,7 +316,6 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
 def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> list[dict]:
     import numpy as np
     import data
-    import unet
 
     config = _config(args.memory_filters, args.quick)
     model_path = save_random_model(config, work, f"memory{args.memory_filters}")
@@ -332,17 +336,17 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
         return measure_child(command)
 
     # Time per megapixel of tiled prediction, in this process: the small slices, then the large one.
-    model, settings = unet.load_model(model_path)
-    segmenter = unet.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
-    small = [data.normalize(data.read_image(path), settings["normalization"]) for path in data.list_images(reference)]
+    model, settings = mito.model_files.load_model(model_path)
+    segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
+    small = [data.read_image(path) for path in data.list_images(reference)]
     segmenter.probability(small[0])  # warm up: the first call of a shape also builds its kernels
     small_seconds = sum(timed(segmenter.probability, image)[0] for image in small)
     small_rate = small_seconds / (sum(image.size for image in small) / 1e6)
-    image = data.normalize(data.read_image(large / "0000.png"), settings["normalization"])
-    layout = data.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
+    image = data.read_image(large / "0000.png")
+    layout = mito.tiling.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     segmenter.probability(image[: layout.tile_shape[0], : layout.tile_shape[1]])  # warm up the tile shape
     large_rate = timed(segmenter.probability, image)[0] / (image.size / 1e6)
-    small_layout = data.tile_layout(small[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
+    small_layout = mito.tiling.tile_layout(small[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     computed = [len(each.tiles) * each.tile_shape[0] * each.tile_shape[1] / area
                 for each, area in ((small_layout, small[0].size), (layout, image.size))]
     del image, small
@@ -367,11 +371,10 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
 def run(args) -> int:
     import tensorflow as tf
 
-    import unet
 
     device = device_name()
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    precisions = args.precision or (["float32"] + (["bfloat16"] if unet.cpu_supports_bfloat16() or on_gpu else [])
+    precisions = args.precision or (["float32"] + (["bfloat16"] if mito.segmenter.cpu_supports_bfloat16() or on_gpu else [])
                                     + (["float16"] if on_gpu else []))
     lines = []
 
@@ -382,7 +385,7 @@ def run(args) -> int:
 
     ceiling = {precision: matmul_gflops(precision, 512 if args.quick else 2048, 0.5 if args.quick else 2.0)
                for precision in precisions}
-    emit({"kind": "ceiling", "device": device, "bf16_in_hardware": unet.cpu_supports_bfloat16(),
+    emit({"kind": "ceiling", "device": device, "bf16_in_hardware": mito.segmenter.cpu_supports_bfloat16(),
           "matmul_gflops": {key: round(value, 1) for key, value in ceiling.items()},
           "skipped": [] if args.precision or "bfloat16" in precisions else
           ["bfloat16: not supported in hardware here (no avx512_bf16/amx_bf16); --precision bfloat16 forces it"]})
@@ -397,9 +400,8 @@ def run(args) -> int:
             for record in bench_memory(args, side, work, folder, device):
                 emit(record)
     if args.output:
-        import data
 
-        data.atomic_write(args.output, lambda path: Path(path).write_text("\n".join(lines) + "\n"))
+        mito.files.atomic_write(args.output, lambda path: Path(path).write_text("\n".join(lines) + "\n"))
     return 0
 
 

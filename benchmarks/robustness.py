@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import Parser, run_cli  # noqa: E402
+from mito.cli import Parser, run_cli  # noqa: E402
+import mito.model_files  # noqa: E402
+import mito.segmenter  # noqa: E402
 
 PROG = "robustness.py"
 
@@ -44,11 +46,10 @@ def run(args) -> int:
     import numpy as np
 
     import data
-    import unet
-    from metrics import SCORE_NAMES, mean_scores, segmentation_scores
+    from mito.metrics import SCORE_NAMES, mean_scores, segmentation_scores
 
-    model, settings = unet.load_model(args.model)
-    segmenter = unet.Segmenter(model, settings)
+    model, settings = mito.model_files.load_model(args.model)
+    segmenter = mito.segmenter.Segmenter(model, settings)
     pairs = data.find_pairs(args.dataset, "test")
     raws = [data.read_image(pair.image).astype(np.float32) for pair in pairs]
     masks = [data.binarize_label(data.read_image(pair.label)) for pair in pairs]
@@ -58,8 +59,7 @@ def run(args) -> int:
         rows = []
         for raw, mask in zip(raws, masks):
             image = np.clip(perturb(raw), 0, 255).astype(np.uint8)
-            rows.append(segmentation_scores(segmenter.mask(segmenter.probability(
-                data.normalize(image, settings["normalization"]))), mask))
+            rows.append(segmentation_scores(segmenter.mask(segmenter.probability(image)), mask))
         scores = mean_scores(rows)
         print(f"{name:<30}" + "".join(f"{scores[key]:>12.4f}" for key in SCORE_NAMES), flush=True)
     return 0

@@ -14,7 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import Parser, run_cli  # noqa: E402
+from mito.cli import Parser, run_cli  # noqa: E402
+import mito.files  # noqa: E402
+import mito.model_files  # noqa: E402
+import mito.overlay  # noqa: E402
+import mito.segmenter  # noqa: E402
 
 PROG = "make_figure.py"
 
@@ -27,14 +31,14 @@ def run(args) -> int:
     import numpy as np
 
     import data
-    import unet
-    from metrics import segmentation_scores
+    from mito.metrics import segmentation_scores
 
-    model, settings = unet.load_model(args.model)
-    segmenter = unet.Segmenter(model, settings)
+    model, settings = mito.model_files.load_model(args.model)
+    segmenter = mito.segmenter.Segmenter(model, settings)
     pair = data.find_pairs(args.dataset, "test")[args.index]
-    image, truth = data.load_pair(pair, settings["normalization"])
-    predicted = segmenter.mask(segmenter.probability(image))
+    raw, truth = data.load_pair(pair)
+    predicted = segmenter.mask(segmenter.probability(raw))
+    image = segmenter.normalize(raw)
     scores = segmentation_scores(predicted, truth)
 
     agreement = np.repeat((image * 255)[..., None], 3, axis=-1)
@@ -44,8 +48,8 @@ def run(args) -> int:
         agreement[where] = 0.45 * agreement[where] + 0.55 * np.array(colour)
     panels = [
         (image, "gray", f"EM slice {pair.image.name}"),
-        (data.overlay(image, [(truth, (0, 255, 0))]), None, "ground truth"),
-        (data.overlay(image, [(predicted, (255, 0, 255))]), None, f"prediction ({Path(args.model).name})"),
+        (mito.overlay.overlay(image, [(truth, (0, 255, 0))]), None, "ground truth"),
+        (mito.overlay.overlay(image, [(predicted, (255, 0, 255))]), None, f"prediction ({Path(args.model).name})"),
         (agreement.astype(np.uint8), None, f"green missed, magenta false, white both: IoU {scores['iou']:.3f}"),
     ]
     figure, axes = plt.subplots(1, 4, figsize=(24, 6.4))
@@ -54,7 +58,7 @@ def run(args) -> int:
         axis.set_title(title)
         axis.axis("off")
     figure.tight_layout()
-    data.atomic_write(args.output, lambda temporary: figure.savefig(temporary, dpi=80))
+    mito.files.atomic_write(args.output, lambda temporary: figure.savefig(temporary, dpi=80))
     print(f"Wrote {args.output} (IoU {scores['iou']:.4f}, Rand index {scores['rand_index']:.4f})")
     return 0
 

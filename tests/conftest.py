@@ -14,7 +14,7 @@ SHARED_SAMPLE = REPO.parent / "shared" / "datasets" / "em_mito_sample"
 # Options that make training take seconds on a CPU. XLA's compilation would double that for
 # steps this few; the tests that need XLA (training's CPU default) drop "--no-xla".
 TINY_TRAINING = [
-    "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--tile-size", "64",
+    "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--train-tile-size", "64",
     "--filters", "4", "--depth", "2", "--workers", "1", "--no-xla",
 ]
 TINY_TRAINING_XLA = [option for option in TINY_TRAINING if option != "--no-xla"]
@@ -23,10 +23,10 @@ TINY_TRAINING_XLA = [option for option in TINY_TRAINING if option != "--no-xla"]
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """Synthetic EM slices in our layout: 2 train, 1 valid, 1 test (160 x 200), plus unlabeled/."""
-    import data
+    import mito.demo
 
     root = tmp_path_factory.mktemp("small") / "dataset"
-    return data.make_demo_dataset(root, seed=7, shape=(160, 200), splits={"train": 2, "valid": 1, "test": 1})
+    return mito.demo.make_demo_dataset(root, seed=7, shape=(160, 200), splits={"train": 2, "valid": 1, "test": 1})
 
 
 @pytest.fixture(scope="session")
@@ -44,17 +44,17 @@ def tiny_model(tmp_path_factory, small_dataset):
 LEARNING_RECIPE = [
     "--filters", "8", "--depth", "3", "--dropout", "0", "--head-filters", "0", "--batch-norm",
     "--loss", "bce_dice", "--learning-rate", "5e-3", "--epochs", "4", "--steps-per-epoch", "15",
-    "--batch-size", "8", "--tile-size", "96", "--workers", "1", "--no-xla", "--seed", "42",
+    "--batch-size", "8", "--train-tile-size", "96", "--workers", "1", "--no-xla", "--seed", "42",
 ]
 
 
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     """The synthetic demo at 256 x 256: 4 train, 1 valid, 2 test slices, plus unlabeled/."""
-    import data
+    import mito.demo
 
     root = tmp_path_factory.mktemp("demo") / "dataset"
-    return data.make_demo_dataset(root, seed=2015, shape=(256, 256), splits={"train": 4, "valid": 1, "test": 2})
+    return mito.demo.make_demo_dataset(root, seed=2015, shape=(256, 256), splits={"train": 4, "valid": 1, "test": 2})
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,6 @@
 """benchmarks/bench_predict.py on a tiny model: the JSON lines parse and carry the figures (seconds)."""
 
 import json
-import sys
 
 from test_benchmarks import load_script
 

@@ -8,7 +8,10 @@ import pytest
 import tifffile
 
 import data
-from data import DataError
+from mito.errors import DataError
+import mito.demo
+import mito.files
+import mito.overlay
 
 
 def write_pair(root, split, stem, image, label, image_suffix=".png"):
@@ -153,15 +156,15 @@ def test_outputs_are_written_atomically(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        data.atomic_write(target, failing_writer)
+        mito.files.atomic_write(target, failing_writer)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
 def test_demo_dataset_is_deterministic_and_in_our_layout(tmp_path):
     splits = {"train": 1, "valid": 1, "test": 1}
-    first = data.make_demo_dataset(tmp_path / "a", shape=(96, 128), splits=splits)
-    second = data.make_demo_dataset(tmp_path / "b", shape=(96, 128), splits=splits)
+    first = mito.demo.make_demo_dataset(tmp_path / "a", shape=(96, 128), splits=splits)
+    second = mito.demo.make_demo_dataset(tmp_path / "b", shape=(96, 128), splits=splits)
     for split in splits:
         pairs = data.find_pairs(first, split)
         image, mask = data.load_pair(pairs[0])
@@ -169,10 +172,10 @@ def test_demo_dataset_is_deterministic_and_in_our_layout(tmp_path):
         assert set(np.unique(iio.imread(pairs[0].label))) <= {0, 255}
         again = data.find_pairs(second, split)[0]
         np.testing.assert_array_equal(iio.imread(pairs[0].image), iio.imread(again.image))
-    assert len(data.list_images(first / "unlabeled")) == len(data.DEMO_UNLABELED_SHAPES)
+    assert len(data.list_images(first / "unlabeled")) == len(mito.demo.DEMO_UNLABELED_SHAPES)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data.make_demo_dataset(first, shape=(96, 128), splits=splits)  # existing files are kept
+        mito.demo.make_demo_dataset(first, shape=(96, 128), splits=splits)  # existing files are kept
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
@@ -192,7 +195,7 @@ def test_overlay_draws_outlines_and_tint():
     image = np.full((20, 20), 0.5, np.float32)
     mask = np.zeros((20, 20), np.uint8)
     mask[5:15, 5:15] = 1
-    picture = data.overlay(image, [(mask, (255, 0, 255))], tint=mask)
+    picture = mito.overlay.overlay(image, [(mask, (255, 0, 255))], tint=mask)
     assert picture.shape == (20, 20, 3) and picture.dtype == np.uint8
     assert tuple(picture[5, 10]) == (255, 0, 255)  # the outline
     assert picture[10, 10, 1] > picture[10, 10, 0]  # green tint inside

@@ -17,7 +17,12 @@ from conftest import REPO, TINY_TRAINING, TINY_TRAINING_XLA
 
 import data
 import training_mito
-import unet
+import mito.augmentation
+import mito.demo
+import mito.distribute
+import mito.files
+import mito.model_files
+import mito.prediction
 
 # The README's two-host example uses these options; here both hosts are 127.0.0.1.
 TWO_STEP_EPOCHS = ["--epochs", "2", "--steps-per-epoch", "3", "--learning-rate", "0.01"]
@@ -81,8 +86,8 @@ def test_devices_naming_a_missing_gpu_is_one_line_error(small_dataset, tmp_path,
 
 @pytest.mark.skipif(tf.config.list_physical_devices("GPU"), reason="checks the strategy of a machine without GPUs")
 def test_without_a_gpu_training_runs_on_the_cpu_alone_with_xla(small_dataset, tmp_path, capsys):
-    strategy = training_mito.make_strategy("all")
-    assert strategy.num_replicas_in_sync == 1 and training_mito.replica_devices(strategy) == ["CPU"]
+    strategy = mito.distribute.make_strategy("all")
+    assert strategy.num_replicas_in_sync == 1 and mito.distribute.replica_devices(strategy) == ["CPU"]
     argv = ["--dataset", str(small_dataset), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING_XLA]
     assert training_mito.main(argv) == 0
     printed = capsys.readouterr().out
@@ -116,7 +121,8 @@ def test_multi_worker_on_keras_3_explains_the_legacy_switch(small_dataset, tmp_p
 
 def test_each_replica_gets_its_own_share_of_every_global_batch(small_dataset):
     _, images, masks = data.load_split(small_dataset, "train")
-    tiles = data.TrainingTiles(images, masks, tile_size=32, batch_size=4, steps_per_epoch=3, seed=5)
+    images = [data.normalize(image) for image in images]
+    tiles = mito.augmentation.TrainingTiles(images, masks, tile_size=32, batch_size=4, steps_per_epoch=3, seed=5)
     shares = []
     for pipeline in range(2):  # two workers with one replica each
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline,
@@ -158,10 +164,10 @@ def test_two_workers_train_with_tf_config_and_only_the_chief_writes(small_datase
     assert [process.returncode for process in processes] == [0, 0], "\n".join(output[-2000:] for output in outputs)
     assert "this one the chief" in outputs[0] and "Best epoch" in outputs[0]
     assert "the chief writes the model" in outputs[1]
-    model, settings = unet.load_model(model_path)  # written by tf-keras, read back by Keras 3
+    model, settings = mito.model_files.load_model(model_path)  # written by tf-keras, read back by Keras 3
     assert model.get_layer("enc0_conv1").filters == int(TINY_TRAINING[TINY_TRAINING.index("--filters") + 1])
-    assert settings["training"]["workers"] == 2 and settings["training"]["replicas"] == 2
-    assert settings["training"]["global_batch_size"] == 2 * int(TINY_TRAINING[TINY_TRAINING.index("--batch-size") + 1])
+    assert settings.training["workers"] == 2 and settings.training["replicas"] == 2
+    assert settings.training["global_batch_size"] == 2 * int(TINY_TRAINING[TINY_TRAINING.index("--batch-size") + 1])
     written = sorted(path.name for path in model_path.parent.iterdir())
     assert written == sorted(["two_workers.h5", "two_workers.json", "two_workers.csv", "two_workers_curves.png",
                               "two_workers.resume.json", "two_workers.resume-epoch0002.keras"])
@@ -174,7 +180,7 @@ def test_three_prediction_shards_together_equal_one_unsharded_run(tiny_model, tm
     slices.mkdir()
     rng = np.random.default_rng(3)
     for index in range(7):  # 7 files: shares of 3, 2 and 2
-        data.write_image(slices / f"{index:04d}.png", data.synthetic_em_slice(rng, (96 + 8 * index, 120))[0])
+        data.write_image(slices / f"{index:04d}.png", mito.demo.synthetic_em_slice(rng, (96 + 8 * index, 120))[0])
     common = ["--input", str(slices), "--model", str(tiny_model), "--save-prob", "--instances"]
     assert prediction_mito.main([*common, "--output", str(tmp_path / "whole")]) == 0
     for index in (1, 2, 3):
@@ -196,13 +202,12 @@ def test_three_prediction_shards_together_equal_one_unsharded_run(tiny_model, tm
 
 
 def test_shard_files_cover_every_file_once():
-    import prediction_mito
 
     files = [f"{index:03d}.png" for index in range(10)]
-    shares = [prediction_mito.shard_files(files, (index, 4)) for index in range(1, 5)]
+    shares = [mito.prediction.shard_files(files, (index, 4)) for index in range(1, 5)]
     assert sorted(sum(shares, [])) == files
     assert [len(share) for share in shares] == [3, 3, 2, 2]
-    assert prediction_mito.shard_files(files, None) == files
+    assert mito.prediction.shard_files(files, None) == files
 
 
 @pytest.mark.parametrize("value", ["0/3", "4/3", "2", "a/b", "1/0"])
@@ -216,17 +221,17 @@ def test_shard_option_rejects_bad_values(value, capsys):
 
 def test_stale_partials_of_other_machines_are_left_alone(tmp_path):
     dead_pid = 2**22 + 12345  # above Linux's pid_max: no such process
-    local = tmp_path / f".0001.partial-{dead_pid}-{data._HOST}.png"
+    local = tmp_path / f".0001.partial-{dead_pid}-{mito.files._HOST}.png"
     remote = tmp_path / f".0002.partial-{dead_pid}-another_node.png"
-    alive = tmp_path / f".0003.partial-{os.getppid()}-{data._HOST}.png"
+    alive = tmp_path / f".0003.partial-{os.getppid()}-{mito.files._HOST}.png"
     for path in (local, remote, alive):
         path.write_bytes(b"half")
-    assert data.remove_stale_partials(tmp_path) == 1
+    assert mito.files.remove_stale_partials(tmp_path) == 1
     assert not local.exists() and remote.exists() and alive.exists()
 
 
 def test_streamed_stacks_name_their_temporary_file_after_this_machine(tmp_path):
     # A shard on another machine must see an unfinished stack as someone else's, not as stale.
     writer = data.StackWriter(tmp_path / "stack.tif", count=2)
-    assert writer.temporary == data.partial_path(tmp_path / "stack.tif")
-    assert writer.temporary.name.endswith(f".partial-{os.getpid()}-{data._HOST}.tif")
+    assert writer.temporary == mito.files.partial_path(tmp_path / "stack.tif")
+    assert writer.temporary.name.endswith(f".partial-{os.getpid()}-{mito.files._HOST}.tif")

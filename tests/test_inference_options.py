@@ -1,6 +1,6 @@
 """The options of test_mito.py and prediction_mito.py, each checked by the masks and scores it gives.
 
-Every case computes what the option should give through ``unet.Segmenter`` (the one
+Every case computes what the option should give through ``mito.segmenter.Segmenter`` (the one
 inference path) and checks that the script gives exactly that, and that it differs
 from what the script gives without the option, so an ignored option fails.
 """
@@ -17,8 +17,11 @@ import tifffile
 import data
 import prediction_mito
 import test_mito
-import unet
-from metrics import SCORE_NAMES, mean_scores, segmentation_scores
+from mito.metrics import SCORE_NAMES, mean_scores, segmentation_scores
+import mito.demo
+import mito.errors
+import mito.model_files
+import mito.segmenter
 
 
 # Below the learned model's tuned threshold: masks with small objects and holes for the clean-up to act on.
@@ -27,12 +30,12 @@ THRESHOLD = 0.3
 
 @pytest.fixture(scope="module")
 def loaded(learned_model):
-    return unet.load_model(learned_model)
+    return mito.model_files.load_model(learned_model)
 
 
 def expected_masks(loaded, images, threshold, **segmenter_options):
     model, settings = loaded
-    segmenter = unet.Segmenter(model, settings, threshold=threshold, **segmenter_options)
+    segmenter = mito.segmenter.Segmenter(model, settings, threshold=threshold, **segmenter_options)
     probabilities = [segmenter.probability(image) for image in images]
     return probabilities, [segmenter.mask(probability) for probability in probabilities]
 
@@ -53,7 +56,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def test_slices(loaded, demo_dataset):
     _, settings = loaded
-    _, images, masks = data.load_split(demo_dataset, "test", settings["normalization"])
+    _, images, masks = data.load_split(demo_dataset, "test")
     return images, masks
 
 
@@ -87,8 +90,7 @@ def test_prediction_options_change_the_masks_as_the_segmenter_says(case, loaded,
     source.mkdir()
     shutil.copy(data.find_pairs(demo_dataset, "test")[0].image, source / "slice.png")
     raw = data.read_image(source / "slice.png")
-    image = data.normalize(raw, loaded[1]["normalization"])
-    probabilities, masks = expected_masks(loaded, [image], THRESHOLD, **keywords)
+    probabilities, masks = expected_masks(loaded, [raw], THRESHOLD, **keywords)
     output = tmp_path / "masks"
     assert prediction_mito.main(["--input", str(source), "--model", str(learned_model), "--output", str(output),
                                  "--save-prob", "--threshold", str(THRESHOLD), *options]) == 0
@@ -98,23 +100,24 @@ def test_prediction_options_change_the_masks_as_the_segmenter_says(case, loaded,
 
 def test_tta_averages_the_eight_flips_and_turns(loaded, test_slices):
     model, settings = loaded
-    image = test_slices[0][0][:64, :64]
-    predict = unet.make_predict_fn(model)
+    raw = test_slices[0][0][:64, :64]
+    image = data.normalize(raw, settings.normalization)
+    predict = mito.segmenter.make_predict_fn(model)
     views = []
     for flipped in (image, image[:, ::-1]):
         for turns in range(4):
             turned = np.rot90(flipped, turns)
             back = np.rot90(predict(np.ascontiguousarray(turned)[None, ..., None])[0, ..., 0], -turns)
             views.append(back if flipped is image else back[:, ::-1])
-    averaged = unet.Segmenter(model, settings, tta=True).probability(image)
+    averaged = mito.segmenter.Segmenter(model, settings, tta=True).probability(raw)
     np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-6)
     assert not np.allclose(averaged, views[0], atol=1e-4)
 
 
 def test_split_scores_the_named_split(loaded, learned_model, demo_dataset, tmp_path):
     model, settings = loaded
-    _, images, truths = data.load_split(demo_dataset, "valid", settings["normalization"])
-    segmenter = unet.Segmenter(model, settings)
+    _, images, truths = data.load_split(demo_dataset, "valid")
+    segmenter = mito.segmenter.Segmenter(model, settings)
     expected = mean_scores([segmentation_scores(segmenter.mask(segmenter.probability(image)), truth)
                             for image, truth in zip(images, truths)])
     output = tmp_path / "valid_scores"
@@ -142,7 +145,7 @@ def test_recursive_mirrors_subfolders_and_skips_labels(tiny_model, tmp_path):
 
 def test_demo_options_and_default_outputs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the demo paths and the default outputs are relative to where the user is
-    data.make_demo_dataset("dataset/demo", seed=3, shape=(96, 128), splits={"train": 1, "valid": 1, "test": 2})
+    mito.demo.make_demo_dataset("dataset/demo", seed=3, shape=(96, 128), splits={"train": 1, "valid": 1, "test": 2})
     Path("models").mkdir()
     for suffix in (".h5", ".json"):
         shutil.copy(tiny_model.with_suffix(suffix), Path("models") / f"demo_unet{suffix}")
@@ -160,5 +163,5 @@ def test_demo_options_and_default_outputs(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("script", [test_mito, prediction_mito])
 def test_debug_shows_the_traceback_instead_of_one_line(script, small_dataset, tmp_path):
     where = ["--dataset", str(small_dataset)] if script is test_mito else ["--input", str(small_dataset / "unlabeled")]
-    with pytest.raises(unet.ModelError, match="model file not found"):
+    with pytest.raises(mito.errors.ModelError, match="model file not found"):
         script.main([*where, "--model", str(tmp_path / "missing.h5"), "--output", str(tmp_path / "out"), "--debug"])

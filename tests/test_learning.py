@@ -15,6 +15,9 @@ from conftest import SHARED_SAMPLE
 import test_mito
 import training_mito
 import unet
+import mito.model_files
+import mito.presets
+import mito.segmenter
 
 # LEARNING_RECIPE reaches a test IoU near 0.79 on the 256 px demo slices (0.7949 when the floor
 # was set); an untrained or all-foreground model scores below 0.25 there.
@@ -39,13 +42,13 @@ def test_a_short_seeded_training_on_the_demo_data_clears_the_learning_floor(lear
 def test_the_floor_is_far_above_what_an_untrained_model_scores(demo_dataset, tmp_path):
     """The floor means something: the same architecture before any step scores well below it."""
     import data
-    from metrics import mean_scores, segmentation_scores, tune_threshold
+    from mito.metrics import mean_scores, segmentation_scores, tune_threshold
 
     config = unet.UNetConfig(depth=3, base_filters=8, dropout=0.0, head_filters=0, batch_norm=True)
     model = unet.build_unet(config)
-    settings = unet.default_settings(config)
-    _, images, masks = data.load_split(demo_dataset, "test", settings["normalization"])
-    segmenter = unet.Segmenter(model, settings)
+    settings = mito.model_files.default_settings(config)
+    _, images, masks = data.load_split(demo_dataset, "test")
+    segmenter = mito.segmenter.Segmenter(model, settings)
     probabilities = [segmenter.probability(image) for image in images]
     threshold, _ = tune_threshold(probabilities, masks)  # even tuned on the test slices themselves
     untrained = mean_scores([segmentation_scores(p >= threshold, m) for p, m in zip(probabilities, masks)])
@@ -73,15 +76,15 @@ def test_the_cpu_preset_trains_end_to_end_on_real_em_crops(tmp_path, capsys):
                                "--epochs", "2", "--steps-per-epoch", "3", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "preset cpu" in printed and "XLA on" in printed and "geometry dihedral" in printed
-    model, settings = unet.load_model(path)
-    preset = training_mito.PRESETS["cpu"]
-    assert settings["scale"] == preset["scale"] == 0.5
-    assert settings["unet"]["base_filters"] == preset["filters"] and settings["unet"]["batch_norm"] is True
-    options = settings["training"]["options"]
+    model, settings = mito.model_files.load_model(path)
+    preset = mito.presets.PRESETS["cpu"]
+    assert settings.scale == preset["scale"] == 0.5
+    assert settings.unet.base_filters == preset["filters"] and settings.unet.batch_norm is True
+    options = settings.training["options"]
     for key in ("augment", "geometry", "lr_schedule", "loss", "monitor", "batch_size", "tile_size"):
         assert options[key] == preset[key], key
-    assert len(settings["history"]["val_slice_iou"]) == 2
-    assert settings["training"]["best_epoch"] == int(np.argmax(settings["history"]["val_slice_iou"])) + 1
+    assert len(settings.history["val_slice_iou"]) == 2
+    assert settings.training["best_epoch"] == int(np.argmax(settings.history["val_slice_iou"])) + 1
 
     output = tmp_path / "scores"
     assert test_mito.main(["--model", str(path), "--dataset", str(dataset), "--output", str(output)]) == 0

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from metrics import SCORE_NAMES, error_breakdown, mean_scores, rand_index, segmentation_scores, tune_threshold
+from mito.metrics import SCORE_NAMES, error_breakdown, mean_scores, rand_index, segmentation_scores, tune_threshold
 
 
 def brute_force_rand_index(a, b):
@@ -80,7 +80,7 @@ def test_threshold_tuning_finds_the_separating_threshold():
 
 
 def test_measurements_of_known_objects():
-    from metrics import label_instances, measure_mitochondria, slice_summary
+    from mito.metrics import label_instances, measure_mitochondria, slice_summary
 
     mask = np.zeros((60, 80), np.uint8)
     mask[10:20, 10:40] = 1  # a 10 x 30 rectangle: 300 px

@@ -23,8 +23,8 @@ def test_notebook_is_committed_with_outputs_cleared(path):
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
     source = "\n".join(cell.source for cell in notebook.cells)
-    for call in ("import data", "unet.build_unet", "unet.tune_segmentation", "unet.save_model", "unet.Segmenter",
-                 "metrics.segmentation_scores"):
+    for call in ("import data", "unet.build_unet", "segmenter.tune_segmentation", "model_files.save_model",
+                 "segmenter.Segmenter", "metrics.segmentation_scores"):
         assert call in source, call
     assert "predict_tiled" not in source  # the scripts' inference path, not a copy of it
 

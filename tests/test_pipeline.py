@@ -1,14 +1,17 @@
-"""training_mito.py --augment keras|fast|none, and the input-pipeline benchmark (seconds, tiny sizes)."""
+"""training_mito.py --augmentation-engine keras|fast, and the input-pipeline benchmark (seconds, tiny sizes)."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY_TRAINING
 
 import training_mito
-import unet
+import mito.checkpoints
+import mito.model_files
 
 
 def train(argv, capsys):
@@ -18,17 +21,17 @@ def train(argv, capsys):
 
 def test_fast_augmentation_trains_resumes_with_it_and_old_runs_resume_as_keras(small_dataset, tmp_path, capsys):
     model = tmp_path / "fast.h5"
-    printed = train(["--dataset", str(small_dataset), "--model", str(model), *TINY_TRAINING, "--augment", "fast",
+    printed = train(["--dataset", str(small_dataset), "--model", str(model), *TINY_TRAINING, "--augmentation-engine", "fast",
                      "--augmentation", "strong", "--geometry", "dihedral"], capsys)
     assert "augmentation strong (fast), geometry dihedral" in printed
-    _, settings = unet.load_model(model)
-    assert settings["training"]["options"]["augment"] == "fast"
-    assert settings["training"]["options"]["geometry"] == "dihedral"
+    _, settings = mito.model_files.load_model(model)
+    assert settings.training["options"]["augment"] == "fast"
+    assert settings.training["options"]["geometry"] == "dihedral"
 
     printed = train(["--model", str(model), "--resume", "--epochs", "2"], capsys)  # takes the run's options
     assert "augmentation strong (fast), geometry dihedral" in printed
 
-    resume_file = unet.resume_json_path(model)
+    resume_file = mito.checkpoints.resume_json_path(model)
     state = json.loads(resume_file.read_text())
     del state["options"]["augment"], state["options"]["geometry"]  # as written before those options existed
     resume_file.write_text(json.dumps(state))
@@ -36,22 +39,39 @@ def test_fast_augmentation_trains_resumes_with_it_and_old_runs_resume_as_keras(s
     assert "augmentation strong (keras), geometry affine" in printed
 
 
-def test_augment_none_means_no_augmentation():
-    args = training_mito.parse_args(["--augment", "none", "--preset", "cpu"])
-    assert args.augment == "none" and args.augmentation == "none"
+def test_engine_and_strength_are_one_pair_of_options():
+    args = training_mito.parse_args(["--augmentation", "none", "--preset", "cpu"])
+    assert args.augmentation == "none" and args.augment == "fast"
     assert training_mito.parse_args([]).augment == "keras"  # the faithful default
     assert training_mito.parse_args(["--preset", "cpu"]).augment == "fast"  # the same transforms, 2.5x the steps
     assert training_mito.parse_args(["--preset", "cpu"]).geometry == "dihedral"
     assert training_mito.parse_args(["--preset", "gpu"]).geometry == "affine"  # the faithful recipe
-    assert training_mito.parse_args(["--preset", "cpu", "--augment", "keras"]).augment == "keras"
+    assert training_mito.parse_args(["--preset", "cpu", "--augmentation-engine", "keras"]).augment == "keras"
 
 
-def test_a_bad_augment_value_is_a_one_line_error():
-    result = subprocess.run([sys.executable, str(REPO / "training_mito.py"), "--augment", "turbo"], cwd=REPO,
+@pytest.mark.parametrize("options, message", [
+    (["--augmentation-engine", "turbo"], "argument --augmentation-engine: invalid choice: 'turbo'"),
+    (["--augment", "fast"], "--augment is now --augmentation-engine keras|fast"),
+    (["--no-augment"], "--no-augment is now --augmentation none"),
+    (["--tile-size", "64"], "in training --tile-size is now --train-tile-size"),
+    (["--augmentation", "none", "--geometry", "dihedral"], "--geometry has no effect with --augmentation none"),
+])
+def test_options_that_cannot_take_effect_are_one_line_errors(options, message):
+    result = subprocess.run([sys.executable, str(REPO / "training_mito.py"), *options], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--augment" in lines[0] and "invalid choice" in lines[0]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_pixel_size_without_instances_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "prediction_mito.py"), "--input", str(tmp_path),
+                             "--pixel-size", "5"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pixel-size gives the measurements of --instances in nm" in lines[0], lines
+    assert not (tmp_path / "predictions").exists()
 
 
 def test_pipeline_benchmark_prints_one_json_line_per_measurement(small_dataset, capsys):

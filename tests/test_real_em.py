@@ -21,7 +21,7 @@ def test_train_test_and_predict_on_real_em(tmp_path):
 
     model = tmp_path / "real.h5"
     tiny = [*TINY_TRAINING]
-    tiny[tiny.index("--tile-size") + 1] = "128"
+    tiny[tiny.index("--train-tile-size") + 1] = "128"
     assert training_mito.main(["--dataset", str(SHARED_SAMPLE), "--model", str(model), *tiny]) == 0
 
     scores = tmp_path / "scores"

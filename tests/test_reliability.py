@@ -19,7 +19,11 @@ from conftest import REPO, TINY_TRAINING, TINY_TRAINING_XLA
 import prediction_mito
 import test_mito
 import training_mito
-import unet
+import mito.augmentation
+import mito.checkpoints
+import mito.cli
+import mito.errors
+import mito.model_files
 
 
 def spawn(*args, cwd=REPO):
@@ -29,7 +33,7 @@ def spawn(*args, cwd=REPO):
 
 
 def weights(path):
-    model, _ = unet.load_model(path)
+    model, _ = mito.model_files.load_model(path)
     return model.get_weights()
 
 
@@ -68,8 +72,8 @@ RESUMABLE[RESUMABLE.index("--steps-per-epoch") + 1] = "12"
 def saved_epochs(model_path) -> int:
     """The epochs a running training has saved a resume point for (0 while there is none)."""
     try:
-        return unet.read_resume_state(model_path)["epoch"]
-    except unet.ModelError:
+        return mito.checkpoints.read_resume_state(model_path)["epoch"]
+    except mito.errors.ModelError:
         return 0
 
 
@@ -79,7 +83,7 @@ def test_training_killed_at_any_moment_keeps_its_best_model_and_resumes_exactly(
 
     model = tmp_path / "killed.h5"
     process = spawn("training_mito.py", "--dataset", str(small_dataset), "--model", str(model), *RESUMABLE)
-    resume_file = unet.resume_json_path(model)
+    resume_file = mito.checkpoints.resume_json_path(model)
     deadline = time.time() + 300
     while not resume_file.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -93,17 +97,17 @@ def test_training_killed_at_any_moment_keeps_its_best_model_and_resumes_exactly(
     assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
 
     # What is on disk is complete: the best model loads, its JSON parses.
-    unet.load_model(model)
+    mito.model_files.load_model(model)
     killed_after = json.loads(resume_file.read_text())["epoch"]
     assert 1 <= killed_after < 4
 
     assert training_mito.main(["--model", str(model), "--resume"]) == 0
-    _, resumed = unet.load_model(model)
-    _, uninterrupted = unet.load_model(reference)
-    assert resumed["history"] == uninterrupted["history"]  # all 4 epochs, identical values
-    assert len(resumed["history"]["loss"]) == 4
-    assert resumed["training"]["best_epoch"] == uninterrupted["training"]["best_epoch"]
-    assert resumed["threshold"] == uninterrupted["threshold"]
+    _, resumed = mito.model_files.load_model(model)
+    _, uninterrupted = mito.model_files.load_model(reference)
+    assert resumed.history == uninterrupted.history  # all 4 epochs, identical values
+    assert len(resumed.history["loss"]) == 4
+    assert resumed.training["best_epoch"] == uninterrupted.training["best_epoch"]
+    assert resumed.threshold == uninterrupted.threshold
     assert_same_weights(weights(model), weights(reference))
     assert not [path for path in tmp_path.iterdir() if ".partial-" in path.name]
     assert len(model.with_suffix(".csv").read_text().splitlines()) >= 5  # header + 4 epochs (repeats allowed)
@@ -238,17 +242,16 @@ def test_colour_16bit_float_and_tiny_images_are_handled(tiny_model, tmp_path, ca
 
 
 def test_training_pads_images_smaller_than_a_tile(tmp_path):
-    import data
 
     root = make_dataset(tmp_path / "data", shape=(40, 50))
     assert training_mito.main(["--dataset", str(root), "--model", str(tmp_path / "m.h5"), *TINY_TRAINING,
-                               "--tile-size", "128"]) == 0
+                               "--train-tile-size", "128"]) == 0
     settings = json.loads((tmp_path / "m.json").read_text())
     assert settings["train_tile_size"] == 128 and np.isfinite(settings["history"]["loss"]).all()
     # A 40 x 50 slice gives 128 px tiles by reflection, the mask reflected alike.
     image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50) / 2000
     mask = (image > 0.5).astype(np.uint8)
-    tiles = data.TrainingTiles([image], [mask], 128, 2, 1, augment=False, seed=0)
+    tiles = mito.augmentation.TrainingTiles([image], [mask], 128, 2, 1, augment=False, seed=0)
     x, y = tiles.batch(0, 0)
     assert x.shape == y.shape == (2, 128, 128, 1)
     np.testing.assert_array_equal(y[..., 0], (x[..., 0] > 0.5).astype(np.float32))
@@ -301,7 +304,7 @@ def test_unusable_models_are_refused_with_their_file_named(script, tiny_model, s
     [
         ("training_mito.py", ["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
         ("training_mito.py", ["--batch-size", "-2"], "argument --batch-size: must be a positive integer, got -2"),
-        ("training_mito.py", ["--tile-size", "0"], "argument --tile-size: must be a positive integer, got 0"),
+        ("training_mito.py", ["--train-tile-size", "0"], "argument --train-tile-size: must be a positive integer, got 0"),
         ("training_mito.py", ["--learning-rate", "0"], "argument --learning-rate: must be a positive number"),
         ("training_mito.py", ["--dropout", "1.5"], "dropout=1.5: must be in [0, 1)"),
         ("test_mito.py", ["--tile-size", "64", "--overlap", "64"], "--overlap 64 must be smaller than --tile-size 64"),
@@ -327,7 +330,7 @@ def test_nonsensical_options_are_refused_in_one_line(script, options, message, t
 def test_tile_sizes_are_rounded_up_to_the_pooling_grid(small_dataset, tmp_path, capsys):
     model = tmp_path / "m.h5"
     options = [*TINY_TRAINING]
-    options[options.index("--tile-size") + 1] = "50"
+    options[options.index("--train-tile-size") + 1] = "50"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(model), *options]) == 0
     assert "tile size 50 is not a multiple of 2**depth = 4: using 52" in capsys.readouterr().out
     assert json.loads(model.with_suffix(".json").read_text())["train_tile_size"] == 52
@@ -357,7 +360,6 @@ def test_the_saved_model_has_no_optimizer_and_no_code(tiny_model):
     (3, ["plain"]),
 ])
 def test_native_start_up_lines_are_held_back_as_the_log_level_asks(level, kept, capfd):
-    import cli
 
     lines = {
         "preamble": "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -366,6 +368,6 @@ def test_native_start_up_lines_are_held_back_as_the_log_level_asks(level, kept, 
         "E0000": "E0000 00:00:1795779452.492365    8674 some.cc:2] an error",
         "plain": "UserWarning: written by Python, kept whatever the level",
     }
-    with cli.native_log_filter(level):
+    with mito.cli.native_log_filter(level):
         os.write(2, "".join(line + "\n" for line in lines.values()).encode())
     assert capfd.readouterr().err == "".join(lines[name] + "\n" for name in kept)

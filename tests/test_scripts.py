@@ -14,8 +14,12 @@ from conftest import REPO, TINY_TRAINING
 
 import prediction_mito
 import test_mito
-import unet
-from metrics import SCORE_NAMES
+from mito.metrics import SCORE_NAMES
+import mito.demo
+import mito.metrics
+import mito.model_files
+import mito.presets
+import mito.segmenter
 
 SCRIPTS = ["training_mito.py", "test_mito.py", "prediction_mito.py"]
 
@@ -35,23 +39,23 @@ def test_help_answers_without_importing_tensorflow(script):
 
 
 def test_training_writes_a_loadable_model_with_its_settings(tiny_model):
-    model, settings = unet.load_model(tiny_model)
-    assert settings["unet"]["depth"] == 2 and settings["unet"]["base_filters"] == 4
-    assert settings["train_tile_size"] == 64
-    assert settings["overlap"] == unet.default_overlap(unet.UNetConfig.from_dict(settings["unet"]))
-    assert settings["threshold_tuned_on"] == "valid (1 images)"
-    # The stored threshold is the one that suits the validation slice best, as metrics.tune_threshold finds it.
+    model, settings = mito.model_files.load_model(tiny_model)
+    assert settings.unet.depth == 2 and settings.unet.base_filters == 4
+    assert settings.train_tile_size == 64
+    assert settings.overlap == mito.model_files.default_overlap(settings.unet)
+    assert settings.threshold_tuned_on == "valid (1 images)"
+    # The stored threshold is the one that suits the validation slice best, as mito.metrics.tune_threshold finds it.
     from data import load_split
-    from metrics import tune_threshold
+    from mito.metrics import tune_threshold
 
-    _, images, masks = load_split(settings["training"]["dataset"], "valid", settings["normalization"])
-    segmenter = unet.Segmenter(model, settings)
-    assert settings["threshold"] == tune_threshold([segmenter.probability(image) for image in images], masks)[0]
-    assert set(settings["history"]) >= {"loss", "val_loss", "iou", "val_iou"}
-    assert settings["training"]["replicas"] >= 1 and settings["training"]["global_batch_size"] >= 2
-    assert settings["normalization"]["mode"] == "percentile"
-    assert settings["training"]["command"].startswith("python training_mito.py --dataset ")
-    assert settings["training"]["versions"]["tensorflow"].startswith("2.")
+    _, images, masks = load_split(settings.training["dataset"], "valid")
+    segmenter = mito.segmenter.Segmenter(model, settings)
+    assert settings.threshold == tune_threshold([segmenter.probability(image) for image in images], masks)[0]
+    assert set(settings.history) >= {"loss", "val_loss", "iou", "val_iou"}
+    assert settings.training["replicas"] >= 1 and settings.training["global_batch_size"] >= 2
+    assert settings.normalization["mode"] == "percentile"
+    assert settings.training["command"].startswith("python training_mito.py --dataset ")
+    assert settings.training["versions"]["tensorflow"].startswith("2.")
     for sibling in (tiny_model.with_suffix(".csv"), tiny_model.with_name("tiny_curves.png")):
         assert sibling.stat().st_size > 0
     assert not [p for p in tiny_model.parent.iterdir() if "partial" in p.name]
@@ -80,11 +84,11 @@ def test_test_script_scores_every_image(tiny_model, small_dataset, tmp_path, cap
     assert summary["mean"] == pytest.approx(per_image, abs=1e-6)  # one image: its scores are the mean
     # The scores and the wrong pixels are those of the model's masks, as the Segmenter makes them.
     from data import load_split
-    from metrics import error_breakdown, segmentation_scores
+    from mito.metrics import error_breakdown, segmentation_scores
 
-    model, settings = unet.load_model(tiny_model)
-    _, images, truths = load_split(small_dataset, "test", settings["normalization"])
-    segmenter = unet.Segmenter(model, settings)
+    model, settings = mito.model_files.load_model(tiny_model)
+    _, images, truths = load_split(small_dataset, "test")
+    segmenter = mito.segmenter.Segmenter(model, settings)
     predicted = segmenter.mask(segmenter.probability(images[0]))
     assert per_image == pytest.approx(segmentation_scores(predicted, truths[0]), abs=1e-6)
     errors = summary["errors"]
@@ -194,8 +198,8 @@ def test_demo_training_generates_data_trains_and_scores(tmp_path, monkeypatch, c
     argv = ["--demo", "--dataset", str(root), "--model", str(model), "--epochs", "1", "--steps-per-epoch", "2"]
     assert training_mito.main(argv) == 0
     assert len(list((root / "train" / "images").iterdir())) == 8 and (root / "unlabeled").is_dir()
-    _, settings = unet.load_model(model)
-    assert settings["unet"]["base_filters"] == training_mito.PRESETS["demo"]["filters"]
+    _, settings = mito.model_files.load_model(model)
+    assert settings.unet.base_filters == mito.presets.PRESETS["demo"]["filters"]
     assert "Scoring the demo model" in capsys.readouterr().out
     summary = json.loads((tmp_path / "results" / "demo" / "summary.json").read_text())
     assert summary["images"] == 2
@@ -204,11 +208,10 @@ def test_demo_training_generates_data_trains_and_scores(tmp_path, monkeypatch, c
 def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(learned_model, tmp_path):
     import csv
 
-    import data
-    from metrics import label_instances
+    from mito.metrics import label_instances
 
     rng = np.random.default_rng(2)
-    pages = [data.synthetic_em_slice(rng, (120, 150))[0] for _ in range(3)]
+    pages = [mito.demo.synthetic_em_slice(rng, (120, 150))[0] for _ in range(3)]
     stack = (np.stack(pages).astype(np.uint16) * 16)  # 16-bit, like many microscopes
     tifffile.imwrite(tmp_path / "volume.tif", stack, imagej=True, metadata={"axes": "ZYX"})
     output = tmp_path / "out"
@@ -246,7 +249,7 @@ def test_a_tiff_stack_gives_mask_instance_and_overlay_stacks_and_measurements(le
 def test_instances_and_overlays_for_a_folder_and_a_rerun_that_adds_them(learned_model, demo_dataset, tmp_path):
     from skimage.segmentation import find_boundaries
 
-    from metrics import label_instances
+    from mito.metrics import label_instances
 
     source, output = demo_dataset / "unlabeled", tmp_path / "out"
     base = ["--input", str(source), "--model", str(learned_model), "--output", str(output)]
@@ -277,9 +280,9 @@ def test_test_script_overlays_show_truth_and_prediction(learned_model, demo_data
                            "--overlays"]) == 0
     pictures = sorted((output / "overlays").glob("*.png"))
     assert len(pictures) == 2
-    model, settings = unet.load_model(learned_model)
-    segmenter = unet.Segmenter(model, settings)
-    _, images, truths = data.load_split(demo_dataset, "test", settings["normalization"])
+    model, settings = mito.model_files.load_model(learned_model)
+    segmenter = mito.segmenter.Segmenter(model, settings)
+    _, images, truths = data.load_split(demo_dataset, "test")
     for picture, image, truth in zip(pictures, images, truths):
         overlay = iio.imread(picture)
         predicted = segmenter.mask(segmenter.probability(image))
@@ -322,8 +325,8 @@ def test_a_model_trained_at_half_scale_keeps_its_scale_and_masks_slices_at_their
     assert "resampled x0.5" in capsys.readouterr().out
     assert training_mito.main(["--model", str(path), "--resume", "--epochs", "2"]) == 0  # keeps the run's scale
     assert "resampled x0.5" in capsys.readouterr().out
-    _, settings = unet.load_model(path)
-    assert settings["scale"] == 0.5 and settings["training"]["options"]["scale"] == 0.5
+    _, settings = mito.model_files.load_model(path)
+    assert settings.scale == 0.5 and settings.training["options"]["scale"] == 0.5
     source, output = tmp_path / "slices", tmp_path / "masks"
     source.mkdir()
     iio.imwrite(source / "odd.png", (np.random.default_rng(3).random((37, 203)) * 255).astype(np.uint8))
@@ -337,19 +340,19 @@ def test_a_model_trained_at_half_scale_keeps_its_scale_and_masks_slices_at_their
 def test_training_picks_the_epoch_with_the_best_whole_slice_validation_iou(small_dataset, tmp_path):
     import training_mito
     from data import load_split
-    from metrics import tune_threshold
+    from mito.metrics import tune_threshold
 
     path = tmp_path / "slice.h5"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *TINY_TRAINING,
                                "--epochs", "3", "--monitor", "val_slice_iou", "--learning-rate", "0.01"]) == 0
-    model, settings = unet.load_model(path)
-    logged = settings["history"]["val_slice_iou"]
+    model, settings = mito.model_files.load_model(path)
+    logged = settings.history["val_slice_iou"]
     assert len(logged) == 3 and all(0 <= value <= 1 for value in logged)
-    assert settings["training"]["best_epoch"] == int(np.argmax(logged)) + 1
-    assert settings["training"]["best_val_slice_iou"] == max(logged)
+    assert settings.training["best_epoch"] == int(np.argmax(logged)) + 1
+    assert settings.training["best_val_slice_iou"] == max(logged)
     # The logged score is the saved model's: whole valid slices, as test_mito.py predicts them, best threshold.
-    _, images, masks = load_split(small_dataset, "valid", settings["normalization"])
-    segmenter = unet.Segmenter(model, settings)
+    _, images, masks = load_split(small_dataset, "valid")
+    segmenter = mito.segmenter.Segmenter(model, settings)
     _, iou = tune_threshold([segmenter.probability(image) for image in images], masks)
     assert iou == pytest.approx(max(logged), abs=1e-6)
     assert "val_slice_iou" in path.with_suffix(".csv").read_text().splitlines()[0]

@@ -12,6 +12,11 @@ import tifffile
 import data
 import prediction_mito
 import unet
+import mito.errors
+import mito.model_files
+import mito.segmenter
+import mito.streaming
+import mito.tiling
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 300), (65, 129)])
@@ -22,14 +27,14 @@ def test_a_tile_read_from_the_image_equals_the_window_of_the_padded_image(shape)
         for y0 in range(0, padded.shape[0] - 3, 7):
             for x0 in range(0, padded.shape[1] - 3, 11):
                 window = (slice(y0, min(padded.shape[0], y0 + 20)), slice(x0, min(padded.shape[1], x0 + 30)))
-                np.testing.assert_array_equal(data.read_tile(image, window, pad), padded[window])
+                np.testing.assert_array_equal(mito.tiling.read_tile(image, window, pad), padded[window])
 
 
 def test_tiled_prediction_needs_no_memory_beyond_its_output_and_one_batch():
     image = np.random.default_rng(1).random((1000, 1000), dtype=np.float32)
     output = np.empty_like(image)
     tracemalloc.start()
-    data.predict_tiled(lambda batch: batch.copy(), image, tile_size=128, overlap=32, align=16, batch_size=2, out=output)
+    mito.tiling.predict_tiled(lambda batch: batch.copy(), image, tile_size=128, overlap=32, align=16, batch_size=2, out=output)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     np.testing.assert_array_equal(output, image)
@@ -79,21 +84,21 @@ def test_a_stack_written_slice_by_slice_is_one_imagej_z_stack(tmp_path):
 
 
 def test_prefetch_keeps_the_order_and_raises_where_the_loop_would():
-    assert list(data.prefetch(range(50), depth=2)) == list(range(50))
+    assert list(mito.streaming.prefetch(range(50), depth=2)) == list(range(50))
 
     def failing():
         yield from range(3)
-        raise data.DataError("broken")
+        raise mito.errors.DataError("broken")
 
     seen = []
-    with pytest.raises(data.DataError, match="broken"):
-        for item in data.prefetch(failing()):
+    with pytest.raises(mito.errors.DataError, match="broken"):
+        for item in mito.streaming.prefetch(failing()):
             seen.append(item)
     assert seen == [0, 1, 2]
     import threading
 
     before = threading.active_count()
-    loop = data.prefetch(iter(range(10**9)))
+    loop = mito.streaming.prefetch(iter(range(10**9)))
     for item in loop:
         if item == 5:
             break
@@ -111,9 +116,9 @@ def test_the_overlapped_pipeline_gives_what_slice_by_slice_prediction_gives(tiny
     argv = ["--input", str(tmp_path), "--model", str(tiny_model), "--output", str(output), "--save-prob",
             "--threshold", "0.3", "--tile-size", "64", "--overlap", "16", "--batch-size", "3"]
     assert prediction_mito.main(argv) == 0
-    model, settings = unet.load_model(tiny_model)
-    segmenter = unet.Segmenter(model, settings, tile_size=64, overlap=16, threshold=0.3, batch_size=3)
-    serial = np.stack([segmenter.probability(data.normalize(page, settings["normalization"])) for page in stack])
+    model, settings = mito.model_files.load_model(tiny_model)
+    segmenter = mito.segmenter.Segmenter(model, settings, tile_size=64, overlap=16, threshold=0.3, batch_size=3)
+    serial = np.stack([segmenter.probability(page) for page in stack])
     np.testing.assert_allclose(tifffile.imread(output / "stack_prob.tif"), serial, atol=1e-6)
     np.testing.assert_allclose(tifffile.imread(output / "one_prob.tif"), serial[0], atol=1e-6)
     expected = np.stack([segmenter.mask(page) for page in serial]) * 255
@@ -125,10 +130,10 @@ def test_bfloat16_inference_stays_close_to_float32():
     config = unet.UNetConfig(depth=2, base_filters=4, dropout=0.0, kernel_initializer="he_normal")
     model = unet.build_unet(config)
     image = np.random.default_rng(4).random((1, 64, 96, 1), dtype=np.float32)
-    exact = unet.make_predict_fn(model)(image)
-    low = unet.make_predict_fn(unet.with_precision(model, config, "bfloat16"))(image)
+    exact = mito.segmenter.make_predict_fn(model)(image)
+    low = mito.segmenter.make_predict_fn(mito.segmenter.with_precision(model, config, "bfloat16"))(image)
     assert low.dtype == np.float32 and low.shape == exact.shape
     assert 0 < np.abs(low - exact).max() < 0.02  # really computed in bfloat16, and close
-    assert unet.with_precision(model, config, "float32") is model
-    with pytest.raises(unet.ConfigError, match="precision"):
-        unet.with_precision(model, config, "int8")
+    assert mito.segmenter.with_precision(model, config, "float32") is model
+    with pytest.raises(mito.errors.ConfigError, match="precision"):
+        mito.segmenter.with_precision(model, config, "int8")

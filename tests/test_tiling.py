@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 
-import data
 import unet
-from data import DataError, predict_tiled, predict_whole, tile_layout
+from mito.errors import DataError
+from mito.tiling import predict_tiled, predict_whole, tile_layout
+import mito.augmentation
+import mito.cleanup
+import mito.model_files
+import mito.segmenter
+import mito.tiling
 
 AWKWARD_SHAPES = [(1, 1), (7, 300), (17, 17), (64, 64), (65, 129), (300, 7), (513, 250)]
 
@@ -57,9 +62,9 @@ def test_a_tile_too_small_for_its_overlap_is_refused():
 
 def test_tiny_unet_tiled_equals_whole_image_at_the_default_overlap():
     config = unet.UNetConfig(depth=2, base_filters=4, dropout=0.0, kernel_initializer="he_normal")
-    predict_fn = unet.make_predict_fn(unet.build_unet(config))
+    predict_fn = mito.segmenter.make_predict_fn(unet.build_unet(config))
     image = np.random.default_rng(3).random((150, 203), dtype=np.float32)
-    overlap = unet.default_overlap(config)
+    overlap = mito.model_files.default_overlap(config)
     whole = predict_whole(predict_fn, image, config.alignment)
     tiled = predict_tiled(predict_fn, image, tile_size=96, overlap=overlap, align=config.alignment, batch_size=4)
     assert whole.std() > 1e-3  # the network's output really varies across the image
@@ -79,7 +84,7 @@ def test_grid_tiles_cover_every_pixel_once():
     rng = np.random.default_rng(4)
     image = rng.random((70, 45), dtype=np.float32)
     mask = (image > 0.5).astype(np.uint8)
-    x, y = data.grid_tiles([image], [mask], 32)
+    x, y = mito.augmentation.grid_tiles([image], [mask], 32)
     assert x.shape == (6, 32, 32, 1) and y.shape == x.shape
     rebuilt = np.block([[x[row * 2 + col, ..., 0] for col in range(2)] for row in range(3)])
     np.testing.assert_array_equal(rebuilt[:70, :45], image)
@@ -87,7 +92,7 @@ def test_grid_tiles_cover_every_pixel_once():
 
 
 def dihedral_average(predict_fn, image):
-    """The 8 flips/rotations done by hand, independently of data.with_tta."""
+    """The 8 flips/rotations done by hand, independently of mito.tiling.with_tta."""
     results = []
     for transform, inverse in [
         (lambda a: a, lambda a: a),
@@ -106,9 +111,9 @@ def dihedral_average(predict_fn, image):
 
 def test_tta_inverts_every_flip_and_rotation():
     config = unet.UNetConfig(depth=2, base_filters=4, dropout=0.0, kernel_initializer="he_normal")
-    predict_fn = unet.make_predict_fn(unet.build_unet(config))
+    predict_fn = mito.segmenter.make_predict_fn(unet.build_unet(config))
     image = np.random.default_rng(5).random((48, 80), dtype=np.float32)  # not square
-    tta = data.with_tta(predict_fn)
+    tta = mito.tiling.with_tta(predict_fn)
     averaged = tta(image[None, ..., None])[0, ..., 0]
     assert averaged.shape == image.shape
     np.testing.assert_allclose(averaged, dihedral_average(predict_fn, image), atol=1e-6)
@@ -117,7 +122,7 @@ def test_tta_inverts_every_flip_and_rotation():
     plain = predict_fn(image[None, ..., None])[0, ..., 0]
     assert np.abs(averaged - plain).max() > 1e-4  # the network is not symmetric: TTA changes something
     # A position-dependent function exposes any transform that is not undone: identity stays identity.
-    identity = data.with_tta(lambda batch: batch * 1.0)
+    identity = mito.tiling.with_tta(lambda batch: batch * 1.0)
     np.testing.assert_allclose(identity(image[None, ..., None])[0, ..., 0], image, atol=1e-6)
     tiled = predict_tiled(tta, image, tile_size=32, overlap=8, align=4)
     assert tiled.shape == image.shape
@@ -130,17 +135,17 @@ def test_postprocess_removes_small_objects_and_fills_small_holes():
     mask[18:21, 18:21] = False  # ...with a 9 px hole
     mask[32:40, 0:40] = True
     mask[35:37, 5:10] = False  # a 10 px hole
-    cleaned = data.postprocess(mask, {"min_size": 10, "max_hole": 9})
+    cleaned = mito.cleanup.postprocess(mask, {"min_size": 10, "max_hole": 9})
     assert not cleaned[2:5, 2:5].any()
     assert cleaned[18:21, 18:21].all()
     assert not cleaned[35:37, 5:10].any()  # larger than max_hole: kept open
     assert cleaned.sum() == mask.sum() - 9 + 9
-    np.testing.assert_array_equal(data.postprocess(mask, None), mask)
-    np.testing.assert_array_equal(data.postprocess(mask, {"min_size": 0, "max_hole": 0}), mask)
+    np.testing.assert_array_equal(mito.cleanup.postprocess(mask, None), mask)
+    np.testing.assert_array_equal(mito.cleanup.postprocess(mask, {"min_size": 0, "max_hole": 0}), mask)
 
 
 def test_postprocess_tuning_finds_what_removes_false_positives():
-    from metrics import tune_postprocess
+    from mito.metrics import tune_postprocess
 
     truth = np.zeros((60, 60), bool)
     truth[10:40, 10:40] = True

@@ -9,6 +9,9 @@ from conftest import TINY_TRAINING
 
 import training_mito
 import unet
+import mito.checkpoints
+import mito.model_files
+import mito.segmenter
 
 
 def train(dataset, model, *options):
@@ -17,8 +20,8 @@ def train(dataset, model, *options):
 
 def resume_point(model_path):
     """The compiled model saved for --resume, optimizer and loss included."""
-    state = unet.read_resume_state(model_path)
-    return state, unet.load_resume_model(model_path, state)
+    state = mito.checkpoints.read_resume_state(model_path)
+    return state, mito.checkpoints.load_resume_model(model_path, state)
 
 
 def assert_same_weights(first, second):
@@ -41,7 +44,7 @@ def test_cosine_schedule_decays_the_rate_and_an_interrupted_run_resumes_on_it(sm
     assert float(resume_point(constant)[1].optimizer.learning_rate) == pytest.approx(0.01)
 
     # The same run stopped after its first epoch (as by Ctrl-C), then resumed: the schedule goes on.
-    original = unet.TrainingCheckpoints.on_epoch_end
+    original = mito.checkpoints.TrainingCheckpoints.on_epoch_end
 
     def stop_after_first_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
@@ -49,10 +52,10 @@ def test_cosine_schedule_decays_the_rate_and_an_interrupted_run_resumes_on_it(sm
             raise KeyboardInterrupt
 
     interrupted = tmp_path / "interrupted.h5"
-    monkeypatch.setattr(unet.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
+    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
     assert train(small_dataset, interrupted, *options) == 130
-    monkeypatch.setattr(unet.TrainingCheckpoints, "on_epoch_end", original)
-    assert unet.read_resume_state(interrupted)["epoch"] == 1
+    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", original)
+    assert mito.checkpoints.read_resume_state(interrupted)["epoch"] == 1
     assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
     _, resumed = resume_point(interrupted)
     assert float(resumed.optimizer.learning_rate) == pytest.approx(float(finished.optimizer.learning_rate))
@@ -104,13 +107,13 @@ def test_monitor_val_iou_keeps_the_epoch_with_the_best_tile_iou(small_dataset, t
 def test_batch_norm_trains_saves_loads_and_resumes(small_dataset, tmp_path):
     path = tmp_path / "bn.h5"
     assert train(small_dataset, path, "--batch-norm") == 0
-    model, settings = unet.load_model(path)
-    assert settings["unet"]["batch_norm"] is True
+    model, settings = mito.model_files.load_model(path)
+    assert settings.unet.batch_norm is True
     variance = model.get_layer("enc0_bn1").moving_variance.numpy()
     assert not np.allclose(variance, 1.0)  # the statistics were learnt and saved
     assert training_mito.main(["--model", str(path), "--resume", "--epochs", "2"]) == 0
-    resumed, settings = unet.load_model(path)
-    assert settings["unet"]["batch_norm"] is True and len(settings["history"]["loss"]) == 2
+    resumed, settings = mito.model_files.load_model(path)
+    assert settings.unet.batch_norm is True and len(settings.history["loss"]) == 2
     assert "enc0_bn1" in {layer.name for layer in resumed.layers}
     # The cpu preset has batch norm; --no-batch-norm takes it out.
     assert training_mito.parse_args(["--preset", "cpu"]).batch_norm is True
@@ -120,23 +123,25 @@ def test_batch_norm_trains_saves_loads_and_resumes(small_dataset, tmp_path):
 def test_architecture_normalisation_and_run_switches_are_recorded_and_used(small_dataset, tmp_path, capsys):
     path = tmp_path / "switches.h5"
     assert train(small_dataset, path, "--depth", "3", "--filters", "6", "--head-filters", "3",
-                 "--normalization", "range", "--no-augment", "--no-deterministic", "--no-xla") == 0
+                 "--normalization", "range", "--augmentation", "none", "--no-deterministic", "--no-xla") == 0
     printed = capsys.readouterr().out
-    model, settings = unet.load_model(path)
+    model, settings = mito.model_files.load_model(path)
     assert model.get_layer("head_conv").filters == 3
     assert model.get_layer("enc0_conv1").filters == 6 and "enc2_pool" in {layer.name for layer in model.layers}
-    assert (settings["unet"]["depth"], settings["unet"]["base_filters"], settings["unet"]["head_filters"]) == (3, 6, 3)
-    assert settings["normalization"] == {"mode": "range"}
-    options = settings["training"]["options"]
+    assert (settings.unet.depth, settings.unet.base_filters, settings.unet.head_filters) == (3, 6, 3)
+    assert settings.normalization == {"mode": "range"}
+    options = settings.training["options"]
     assert options["augmentation"] == "none" and options["deterministic"] is False and options["xla"] is False
     assert "augmentation none" in printed and "deterministic off, XLA off" in printed
     # Prediction reads the stored normalisation: a 16-bit slice is divided by 65535, not stretched.
     import data
 
     image = (np.random.default_rng(0).random((48, 64)) * 20000).astype(np.uint16)
-    segmenter = unet.Segmenter(model, settings)
-    by_range = segmenter.probability(data.normalize(image, settings["normalization"]))
-    np.testing.assert_allclose(by_range, segmenter.probability(image.astype(np.float32) / 65535), atol=1e-6)
+    segmenter = mito.segmenter.Segmenter(model, settings)
+    by_range = segmenter.probability_of_normalized(image.astype(np.float32) / 65535)
+    np.testing.assert_allclose(segmenter.probability(image), by_range, atol=1e-6)
+    stretched = segmenter.probability_of_normalized(data.normalize(image))  # what the default would have done
+    assert not np.allclose(by_range, stretched, atol=1e-3)
 
 
 def test_the_number_of_tile_threads_does_not_change_the_weights(tiny_model, small_dataset, tmp_path):
@@ -144,19 +149,19 @@ def test_the_number_of_tile_threads_does_not_change_the_weights(tiny_model, smal
     options = [*TINY_TRAINING]
     options[options.index("--workers") + 1] = "2"
     assert training_mito.main(["--dataset", str(small_dataset), "--model", str(path), *options]) == 0
-    assert_same_weights(unet.load_model(path)[0].get_weights(), unet.load_model(tiny_model)[0].get_weights())
+    assert_same_weights(mito.model_files.load_model(path)[0].get_weights(), mito.model_files.load_model(tiny_model)[0].get_weights())
 
 
 def test_overwrite_replaces_the_model_and_its_resume_point(small_dataset, tmp_path):
     path = tmp_path / "replaced.h5"
     assert train(small_dataset, path, "--epochs", "2", "--seed", "1") == 0
-    before = unet.load_model(path)[0].get_weights()
+    before = mito.model_files.load_model(path)[0].get_weights()
     assert train(small_dataset, path, "--overwrite", "--seed", "2") == 0
     settings = json.loads(path.with_suffix(".json").read_text())
     assert len(settings["history"]["loss"]) == 1 and settings["training"]["options"]["seed"] == 2
-    assert unet.read_resume_state(path)["epoch"] == 1  # the old run's resume point is gone
+    assert mito.checkpoints.read_resume_state(path)["epoch"] == 1  # the old run's resume point is gone
     assert len(list(tmp_path.glob("replaced.resume-epoch*.keras"))) == 1
-    after = unet.load_model(path)[0].get_weights()
+    after = mito.model_files.load_model(path)[0].get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
@@ -170,7 +175,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused(small_dataset, tmp_path, 
 
 
 def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
-    from data import DataError
+    from mito.errors import DataError
 
     with pytest.raises(DataError, match="dataset folder not found"):
         training_mito.main(["--dataset", str(tmp_path / "missing"), "--model", str(tmp_path / "m.h5"), "--debug"])

@@ -8,7 +8,11 @@ import pytest
 import tensorflow as tf
 
 import unet
-from unet import ConfigError, ModelError, UNetConfig
+from unet import UNetConfig
+from mito.errors import ConfigError, ModelError
+import mito.files
+import mito.model_files
+import mito.segmenter
 
 TINY = UNetConfig(depth=2, base_filters=4, dropout=0.0, kernel_initializer="he_normal")
 
@@ -79,61 +83,75 @@ def test_receptive_field_matches_the_impulse_response(config):
 
 def test_default_overlap_covers_the_receptive_field_on_the_pooling_grid():
     config = UNetConfig()
-    overlap = unet.default_overlap(config)
+    overlap = mito.model_files.default_overlap(config)
     assert overlap // 2 >= unet.receptive_field(config)
     assert (overlap // 2) % config.alignment == 0
 
 
-def settings_for(config):
-    return {
-        "unet": config.to_dict(),
-        "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8},
-        "tile_size": 256,
-        "overlap": unet.default_overlap(config),
-        "threshold": 0.4,
-    }
+def settings_for(config, **changes):
+    values = {"unet": config, "normalization": {"mode": "percentile", "low": 1.0, "high": 99.8}, "tile_size": 256,
+              "threshold": 0.4}
+    return mito.model_files.Settings(**(values | changes))
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     model = unet.compile_unet(unet.build_unet(TINY), loss="bce_dice")
     path = tmp_path / "model.h5"
-    unet.save_model(model, path, settings_for(TINY))
-    loaded, settings = unet.load_model(path)
+    mito.model_files.save_model(model, path, settings_for(TINY))
+    loaded, settings = mito.model_files.load_model(path)
     image = np.random.default_rng(1).random((1, 64, 96, 1), np.float32)
     np.testing.assert_array_equal(model(image).numpy(), loaded(image).numpy())
-    assert settings["threshold"] == 0.4
+    assert settings.threshold == 0.4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5", "model.json"]  # no temporary files left
 
 
 def test_settings_that_do_not_fit_the_model_are_refused(tmp_path):
     path = tmp_path / "model.h5"
-    unet.save_model(unet.build_unet(TINY), path, settings_for(UNetConfig(depth=2, base_filters=8)))
+    mito.model_files.save_model(unet.build_unet(TINY), path, settings_for(UNetConfig(depth=2, base_filters=8)))
     with pytest.raises(ModelError, match="parameters"):
-        unet.load_model(path)
-    unet.write_json(path.with_suffix(".json"), {**settings_for(TINY), "threshold": 3, "overlap": -1})
+        mito.model_files.load_model(path)
+    mito.files.write_json(path.with_suffix(".json"), {**settings_for(TINY).to_json(), "threshold": 3, "overlap": -1})
     with pytest.raises(ModelError, match="threshold=3.*|overlap=-1"):
-        unet.load_model(path)
+        mito.model_files.load_model(path)
     path.with_suffix(".json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
-        unet.load_model(path)
+        mito.model_files.load_model(path)
+
+
+def test_settings_round_trip_through_json_and_name_every_bad_field():
+    settings = settings_for(TINY, scale=0.5, postprocess={"min_size": 16, "max_hole": 4}, history={"loss": [0.5]})
+    assert mito.model_files.Settings.from_json(json.loads(json.dumps(settings.to_json()))) == settings
+    assert settings.overlap == mito.model_files.default_overlap(TINY)  # filled in when not given
+    bad = {**settings.to_json(), "threshold": 0, "scale": 9, "tile_size": 0, "colour": "red"}
+    del bad["normalization"]
+    with pytest.raises(ConfigError) as error:
+        mito.model_files.Settings.from_json(bad, "old.json")
+    message = str(error.value)
+    assert message.startswith("old.json: invalid settings:")
+    for part in ("unknown field 'colour'", "normalization: missing", "threshold=0", "scale=9", "tile_size=0"):
+        assert part in message
+    # Written before scale and clean-up existed: both take their neutral values.
+    old = {key: value for key, value in settings.to_json().items() if key not in ("scale", "postprocess", "format")}
+    assert mito.model_files.Settings.from_json(old).scale == 1.0
+    assert mito.model_files.Settings.from_json(old).postprocess == {"min_size": 0, "max_hole": 0}
 
 
 def test_missing_settings_fall_back_to_defaults_with_a_warning(tmp_path):
     path = tmp_path / "model.h5"
-    unet.save_model(unet.build_unet(TINY), path)
+    mito.model_files.save_model(unet.build_unet(TINY), path)
     with pytest.warns(UserWarning, match="default settings"):
-        _, settings = unet.load_model(path)
-    assert settings["unet"]["depth"] == 2 and settings["threshold"] == 0.5
-    assert settings["overlap"] == unet.default_overlap(TINY)
+        _, settings = mito.model_files.load_model(path)
+    assert settings.unet.depth == 2 and settings.threshold == 0.5
+    assert settings.overlap == mito.model_files.default_overlap(TINY)
 
 
 def test_non_model_files_are_refused(tmp_path):
     bogus = tmp_path / "bogus.h5"
     bogus.write_bytes(b"this is not HDF5")
     with pytest.raises(ModelError, match="bogus.h5: not a loadable Keras model"):
-        unet.load_model(bogus)
+        mito.model_files.load_model(bogus)
     with pytest.raises(ModelError, match="not found"):
-        unet.load_model(tmp_path / "missing.h5")
+        mito.model_files.load_model(tmp_path / "missing.h5")
 
 
 def test_compile_offers_the_named_losses():
@@ -150,7 +168,7 @@ def test_compile_offers_the_named_losses():
 
 def test_a_model_trained_at_half_scale_predicts_at_half_scale_and_answers_at_full_size(tmp_path):
     model = unet.build_unet(TINY)
-    segmenter = unet.Segmenter(model, {**settings_for(TINY), "scale": 0.5})
+    segmenter = mito.segmenter.Segmenter(model, settings_for(TINY, scale=0.5))
     seen = []
 
     def identity(batch):
@@ -160,7 +178,7 @@ def test_a_model_trained_at_half_scale_predicts_at_half_scale_and_answers_at_ful
     segmenter.predict_fn = identity
     y, x = np.mgrid[0:75, 0:122]
     image = (0.5 + 0.4 * np.sin(y / 8) * np.cos(x / 10)).astype(np.float32)
-    probability = segmenter.probability(image)
+    probability = segmenter.probability_of_normalized(image)
     assert probability.shape == image.shape and probability.dtype == np.float32
     assert all(max(shape[1:3]) <= 64 for shape in seen)  # the network saw the half-size slice
     assert np.abs(probability - image)[2:-2, 2:-2].max() < 0.03
@@ -168,6 +186,6 @@ def test_a_model_trained_at_half_scale_predicts_at_half_scale_and_answers_at_ful
 
     path = tmp_path / "model.h5"
     for bad in (0, -1, 5, "half", True):
-        unet.save_model(model, path, {**settings_for(TINY), "scale": bad})
+        mito.model_files.save_model(model, path, settings_for(TINY, scale=bad))
         with pytest.raises(ModelError, match="scale="):
-            unet.load_model(path)
+            mito.model_files.load_model(path)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import mito.demo
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
@@ -30,7 +31,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        dataset = data.make_demo_dataset(scratch / "data", seed=11, shape=(128, 160),
+        dataset = mito.demo.make_demo_dataset(scratch / "data", seed=11, shape=(128, 160),
                                          splits={"train": 2, "valid": 1, "test": 1})
         model = scratch / "model.h5"
         assert training_mito.main(["--dataset", str(dataset), "--model", str(model), "--depth", "2", "--filters",
@@ -51,8 +52,8 @@ def main() -> int:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
     rng = np.random.default_rng(23)
-    data.write_image(inputs / "slice.png", data.synthetic_em_slice(rng, (150, 130))[0])
-    pages = np.stack([data.synthetic_em_slice(rng, (90, 110))[0] for _ in range(2)]).astype(np.uint16) * 257
+    data.write_image(inputs / "slice.png", mito.demo.synthetic_em_slice(rng, (150, 130))[0])
+    pages = np.stack([mito.demo.synthetic_em_slice(rng, (90, 110))[0] for _ in range(2)]).astype(np.uint16) * 257
     tifffile.imwrite(inputs / "stack.tif", pages, imagej=True, metadata={"axes": "ZYX"})
     assert prediction_mito.main(["--input", str(inputs), "--model", str(HERE / "model.h5"), "--output",
                                  str(expected), "--save-prob"]) == 0

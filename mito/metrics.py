@@ -145,7 +145,7 @@ def tune_postprocess(masks, truths, min_sizes=(0, 16, 32, 64, 128, 256, 512), ma
     masks: thresholded predictions (list of (y, x) bool); truths: the labels.
     Returns ({"min_size": int, "max_hole": int}, IoU). Ties keep the gentler setting.
     """
-    from data import postprocess
+    from mito.cleanup import postprocess
 
     best = ({"min_size": 0, "max_hole": 0}, -1.0)
     for min_size in min_sizes:

@@ -1,4 +1,4 @@
-"""What the three command-line scripts share: argument parsing and error handling.
+"""What the command-line scripts share: argument parsing, quiet TensorFlow start-up, one-line errors.
 
 Imports nothing heavy, so ``--help`` and option errors answer at once; the
 scripts import TensorFlow only after their arguments are parsed.
@@ -54,6 +54,27 @@ probability = _number(float, lambda value: 0 < value < 1, "a number between 0 an
                       "between 0 and 1 (exclusive)")
 
 
+def shard_option(text: str) -> tuple[int, int]:
+    """argparse type for --shard: 'I/N' with 1 <= I <= N."""
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit() and 1 <= int(index) <= int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, such as 2/8, got {text!r}")
+    return int(index), int(count)
+
+
+def devices_option(text: str) -> str:
+    """argparse type for --devices: 'all', 'cpu', 'cpu:N' or comma-separated GPU indices."""
+    text = text.strip().lower()
+    if text in ("all", "cpu"):
+        return text
+    count = text[4:] if text.startswith("cpu:") else None
+    if count is not None and count.isdigit() and int(count) >= 1:
+        return text
+    if count is None and all(part.strip().isdigit() for part in text.split(",")):
+        return ",".join(part.strip() for part in text.split(","))
+    raise argparse.ArgumentTypeError(f"expected 'all', 'cpu', 'cpu:N' or GPU indices like '0,1', got {text!r}")
+
+
 def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
     group.add_argument("--tile-size", type=positive_int,
@@ -76,19 +97,24 @@ def add_inference_options(group) -> None:
                             "float16 on GPUs (default: float32)")
 
 
-def make_segmenter(args, model, settings: dict):
-    """A unet.Segmenter from the inference options, the model's settings filling the gaps."""
-    import unet
+def fill_unset(args, values: dict) -> None:
+    """Give each option in ``values`` its value there, unless the command line set it."""
+    for key, value in values.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
-    postprocess = dict(settings.get("postprocess") or {})
+
+def inference_options(args, settings) -> dict:
+    """The Segmenter's keyword arguments from the inference options; None leaves the model's value."""
+    postprocess = dict(settings.postprocess)
     if args.min_size is not None:
         postprocess["min_size"] = args.min_size
     if args.max_hole is not None:
         postprocess["max_hole"] = args.max_hole
     if args.no_postprocess:
         postprocess = {}
-    return unet.Segmenter(model, settings, args.tile_size, args.overlap, args.threshold, postprocess,
-                          args.tta, args.batch_size, args.precision)
+    return dict(tile_size=args.tile_size, overlap=args.overlap, threshold=args.threshold, postprocess=postprocess,
+                tta=args.tta, batch_size=args.batch_size, precision=args.precision)
 
 
 def add_debug_option(parser) -> None:
@@ -142,7 +168,7 @@ def import_tensorflow_quietly() -> None:
 def run_cli(prog: str, run: Callable[[], int | None], debug: bool = False) -> int:
     """Run a script body: a user error (MitoError) becomes one line on stderr and exit code 2."""
     import_tensorflow_quietly()
-    from data import MitoError
+    from mito.errors import MitoError
 
     try:
         return run() or 0
