@@ -3,7 +3,7 @@
 Layout of a dataset root::
 
     <root>/{train,valid,test}/images/NNNN.png   EM slices (PNG, TIFF or JPEG, 8/16-bit)
-    <root>/{train,valid,test}/labels/NNNN.png   masks, 0/1 or 0/255 (anything > 0 is foreground)
+    <root>/{train,valid,test}/labels/NNNN.png   masks: 0 background, anything > 0 mitochondria (0/1, 0/255, ids)
 
 Images and labels are paired by file stem, so ``images/0001.tif`` pairs with
 ``labels/0001.png``.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +26,8 @@ import imageio.v3 as iio  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-from mito.errors import DataError, error_reason  # noqa: E402
-from mito.files import atomic_write, partial_path  # noqa: E402
+from mito.errors import DataError, error_reason, note_once  # noqa: E402
+from mito.files import atomic_write  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -82,19 +81,48 @@ def _gray_palette_mode(path: Path) -> str | None:
     return "L" if all(red == green == blue for red, green, blue in colours) else None
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def is_tiff(path: Path) -> bool:
+    """Whether the file's bytes are a TIFF, whatever its name says (files are read by content)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) in _TIFF_MAGIC
+    except OSError:
+        return path.suffix.lower() in TIFF_SUFFIXES
+
+
+def _tiff_series(tiff, path: Path):
+    """The first series of a TIFF and whether its last axis holds colour samples.
+
+    Several samples stored as planes (axes 'SYX', what ``tifffile.imwrite`` makes of a 3- or
+    4-slice volume without metadata) are a stack of slices in EM, which is gray by nature:
+    read as such, with a one-line note. Interleaved samples ('YXS') stay a colour image.
+    """
+    series = tiff.series[0]
+    planar = series.axes.startswith("S") and not (tiff.is_imagej or tiff.is_ome)
+    if planar:
+        note_once(f"{path}: {series.shape[0]} samples stored as planes without ImageJ/OME metadata, read as a "
+                   f"stack of {series.shape[0]} slices", f"planar {path}")
+    return series, series.axes.endswith("S")
+
+
 def read_slices(path: str | os.PathLike) -> np.ndarray:
     """Read a 2D image or a TIFF stack as ``(slices, y, x)`` in the file's own dtype.
 
-    A 2D image gives one slice; a multi-page TIFF (or an ImageJ Z/T stack)
-    gives one slice per page. RGB(A) becomes grayscale with a one-time warning.
-    Raises DataError naming the file when it cannot be read or has other axes.
+    A 2D image gives one slice; a multi-page TIFF (or an ImageJ Z/T stack, or planes of
+    samples) gives one slice per page. RGB(A) becomes grayscale with a one-time warning.
+    The format is read from the file's bytes, not its name. Non-finite pixels (NaN, inf)
+    are reported once per file. Raises DataError naming the file when it cannot be read
+    or has other axes.
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             with tifffile.TiffFile(path) as tiff:
-                series = tiff.series[0]
-                image, has_channels = series.asarray(), series.axes.endswith("S")
+                series, has_channels = _tiff_series(tiff, path)
+                image = series.asarray()
         else:
             image = iio.imread(path, plugin="pillow", mode=_gray_palette_mode(path))
             has_channels = image.ndim == 3
@@ -112,17 +140,38 @@ def read_slices(path: str | os.PathLike) -> np.ndarray:
         image = image[None]
     if image.ndim != 3 or 0 in image.shape:
         raise DataError(f"{path}: expected a 2D grayscale image or a stack of them, got an array of shape {image.shape}")
+    report_non_finite(image, path)
     return image
+
+
+def report_non_finite(image: np.ndarray, path) -> int:
+    """Warn (one line naming the file) when a float image has NaN or infinite pixels; how many.
+
+    The rule everywhere: they are left out of the normalisation statistics and filled for the
+    network (``normalize``), predicted as background with probability NaN (the Segmenter), and
+    training takes their labels as background. A slice with no finite pixel at all is refused.
+    """
+    if image.dtype.kind != "f":
+        return 0
+    count = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if count == image.size:
+        raise DataError(f"{path}: no finite pixel (all NaN or infinite)")
+    if count:
+        warnings.warn(f"{path}: {count} NaN or infinite pixels: left out of the normalisation, predicted as "
+                      "background (probability NaN there)", stacklevel=2)
+    return count
+
+
 
 
 def count_slices(path: str | os.PathLike) -> int:
     """How many slices ``read_slices`` would return, from the file header only."""
     path = Path(path)
-    if path.suffix.lower() not in TIFF_SUFFIXES:
+    if not is_tiff(path):
         return 1
     try:
         with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
+            series, _ = _tiff_series(tiff, path)
             shape, axes = series.shape, series.axes
     except Exception as error:  # tifffile raises many types for bad files
         reason = error_reason(error)
@@ -178,111 +227,37 @@ def iter_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
         return
     try:
         tiff = tifffile.TiffFile(path)
-        series = tiff.series[0]
+        series, has_channels = _tiff_series(tiff, path)
     except Exception as error:  # tifffile raises many types for bad files
         reason = error_reason(error)
         raise DataError(f"{path}: not a readable image ({reason})") from None
     with tiff:
-        has_channels = series.axes.endswith("S")
+        planes = None
+        if series.axes.startswith("S"):  # samples as planes: one page holds every slice
+            try:
+                planes = np.asarray(series.asarray())
+            except Exception as error:
+                raise DataError(f"{path}: not a readable image ({error_reason(error)})") from None
+        non_finite = 0
         for index in range(count):
             try:
-                page = np.asarray(series.asarray(key=index))
+                page = planes[index] if planes is not None else np.asarray(series.asarray(key=index))
             except Exception as error:
                 reason = error_reason(error)
                 raise DataError(f"{path}: slice {index} is not readable ({reason})") from None
-            yield _to_grayscale(page, path) if has_channels and page.ndim == 3 else page
+            page = _to_grayscale(page, path) if has_channels and page.ndim == 3 else page
+            if page.dtype.kind == "f":
+                finite = np.count_nonzero(np.isfinite(page))
+                if not finite:
+                    raise DataError(f"{path}: slice {index} has no finite pixel (all NaN or infinite)")
+                non_finite += page.size - finite
+            yield page
+        if non_finite:
+            warnings.warn(f"{path}: {non_finite} NaN or infinite pixels: left out of the normalisation, predicted "
+                          "as background (probability NaN there)", stacklevel=2)
 
 
-def _imagej_dtype(dtype) -> np.dtype:
-    """The dtype a stack is written in: uint8, uint16 and float32 as they are, others as float32 (what ImageJ reads)."""
-    return np.dtype(dtype) if np.dtype(dtype) in (np.uint8, np.uint16, np.float32) else np.dtype(np.float32)
-
-
-class StackWriter:
-    """Write an image, or a multi-page TIFF stack one slice at a time, atomically.
-
-    ``add(page)`` ``count`` times, then ``close()`` renames the finished file
-    into place; ``discard()`` (or an exception) leaves no file. A 2D output
-    (``count == 1`` and not ``stack``) is written by ``write_image`` at close.
-    A stack is streamed to disk by a background thread as an ImageJ TIFF
-    (``ZYX``, or ``ZYXS`` for RGB pages), holding at most two pages in memory.
-    """
-
-    def __init__(self, path: str | os.PathLike, count: int, stack: bool = True):
-        import queue
-
-        self.path, self.count, self.stack = Path(path), count, stack
-        self.pages: queue.Queue = queue.Queue(maxsize=1)
-        self.thread, self.error, self.added, self.single = None, None, 0, None
-        self.temporary = partial_path(self.path)
-
-    def add(self, page: np.ndarray) -> None:
-        page = np.asarray(page)
-        self.added += 1
-        if self.added > self.count:
-            raise ValueError(f"{self.path}: more than {self.count} slices")
-        if not self.stack:
-            self.single = page
-            return
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._write, args=(page.shape, page.dtype), daemon=True)
-            self.thread.start()
-        while True:  # never block forever on a writer that failed
-            if self.error is not None:
-                raise self.error
-            try:
-                self.pages.put(page, timeout=0.1)
-                return
-            except Exception:  # queue.Full
-                continue
-
-    def _write(self, shape, dtype) -> None:
-        def pages():
-            for _ in range(self.count):
-                page = self.pages.get()
-                if page is None:
-                    raise InterruptedError("stack writing discarded")
-                if not np.can_cast(page.dtype, _imagej_dtype(dtype)) or page.shape != shape:
-                    raise DataError(f"{self.path}: a slice of {page.dtype} {page.shape} does not fit the stack's "
-                                    f"{_imagej_dtype(dtype)} {shape} set by its first slice")
-                yield page.astype(_imagej_dtype(dtype), copy=False)
-
-        try:
-            rgb = len(shape) == 3
-            tifffile.imwrite(self.temporary, pages(), shape=(self.count, *shape), dtype=_imagej_dtype(dtype),
-                             imagej=True, photometric="rgb" if rgb else "minisblack",
-                             metadata={"axes": "ZYXS" if rgb else "ZYX"})
-        except BaseException as error:  # reported to the caller of add/close
-            self.error = error
-
-    def close(self) -> None:
-        """Finish the file and rename it into place (raises what the writer raised)."""
-        if not self.stack:
-            write_image(self.path, self.single)
-            return
-        if self.added != self.count:
-            self.discard()
-            raise ValueError(f"{self.path}: {self.added} slices written, {self.count} expected")
-        self.thread.join()
-        if self.error is not None:
-            self.temporary.unlink(missing_ok=True)
-            raise self.error
-        os.replace(self.temporary, self.path)
-
-    def discard(self) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            try:
-                self.pages.put(None, timeout=1)
-            except Exception:  # queue.Full: the writer is stuck or gone
-                pass
-            self.thread.join(timeout=10)
-        self.temporary.unlink(missing_ok=True)
-
-
-# --- normalisation ------------------------------------------------------------
-
-
-def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarray:
+def normalize(image: np.ndarray, normalization: dict | None = None, fill: bool = True) -> np.ndarray:
     """Map an image of any dtype to float32 in [0, 1].
 
     ``{"mode": "percentile", "low": 1, "high": 99.8}`` (the default) stretches
@@ -290,13 +265,21 @@ def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarra
     different brightness and bit depth look alike to the network.
     ``{"mode": "range"}`` divides integer images by their dtype's maximum
     (255, 65535) and leaves float images as they are. Both clip to [0, 1].
+    Non-finite pixels (NaN, inf) are left out of the statistics and filled with
+    the median of the others (a neutral gray), or kept as NaN with ``fill=False``.
     """
     normalization = normalization or DEFAULT_NORMALIZATION
     mode = normalization.get("mode")
     image = np.asarray(image)
+    invalid = ~np.isfinite(image) if image.dtype.kind == "f" else None
+    if invalid is not None and not invalid.any():
+        invalid = None
+    if invalid is not None and invalid.all():
+        raise DataError("no finite pixel to normalise (all NaN or infinite)")
     if mode == "percentile":
         values = image.astype(np.float32)
-        low, high = np.percentile(values, [normalization.get("low", 1.0), normalization.get("high", 99.8)])
+        sample = values if invalid is None else values[~invalid]
+        low, high = np.percentile(sample, [normalization.get("low", 1.0), normalization.get("high", 99.8)])
         scale = float(high - low) if high > low else 1.0
         values -= np.float32(low)  # in place: no second full-size copy of a large slice
         values /= np.float32(scale)
@@ -307,7 +290,10 @@ def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarra
             values = image.astype(np.float32)
     else:
         raise DataError(f"unknown normalisation mode {mode!r} (expected 'percentile' or 'range')")
-    return np.clip(values, 0.0, 1.0, out=values)
+    values = np.clip(values, 0.0, 1.0, out=values)
+    if invalid is not None:
+        values[invalid] = np.median(values[~invalid]) if fill else np.nan
+    return values
 
 
 def binarize_label(label: np.ndarray) -> np.ndarray:
@@ -316,19 +302,41 @@ def binarize_label(label: np.ndarray) -> np.ndarray:
 
 
 def check_label_values(label: np.ndarray, path) -> None:
-    """Refuse labels that are not binary masks (0/1 or 0/255), naming the file.
+    """0 is background and any value above 0 mitochondria: 0/1, 0/255 and instance ids alike.
 
-    Instance labels (0, 1, 2, ...) or a lossy JPEG mask would otherwise be
-    binarised silently into something the user did not mean.
+    Refuses, naming the file, only what cannot be a mask: negative, fractional or non-finite
+    values, and non-binary JPEG labels (lossy compression smears the edges into new values).
+    Instance ids are binarised, which is said once.
     """
+    label = np.asarray(label)
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"{path}: label has NaN or infinite values; a mask holds 0 for background and "
+                            "whole numbers above 0 for mitochondria")
+        fractional = label[label != np.round(label)]
+        if fractional.size:
+            raise DataError(f"{path}: label values such as {float(fractional[0]):g} are not whole numbers, so this "
+                            "is not a mask (0 for background, whole numbers above 0 for mitochondria)")
+    if label.dtype.kind in "if" and (label < 0).any():
+        raise DataError(f"{path}: label has negative values such as {label.min():g}; a mask holds 0 for background "
+                        "and values above 0 for mitochondria")
     values = np.unique(label)
     if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
         return
-    shown = ", ".join(str(value) for value in values[:6]) + (", ..." if len(values) > 6 else "")
-    raise DataError(
-        f"{path}: label values {{{shown}}} are not a binary mask (expected 0/1 or 0/255; "
-        "for instance labels save label > 0)"
-    )
+    if _is_jpeg(path):
+        shown = ", ".join(str(value) for value in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise DataError(f"{path}: label values {{{shown}}} are not a binary mask, and JPEG's lossy compression "
+                        "smears masks: save labels as PNG or TIFF")
+    note_once(f"{path}: label values 0 to {values.max():g} read as instance ids: every value above 0 is "
+               "mitochondria (and so in any other such label)", "instances")
+
+
+def _is_jpeg(path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False
 
 
 # --- dataset layout -----------------------------------------------------------
@@ -371,7 +379,10 @@ def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
     if image.shape != label.shape:
         raise DataError(f"{pair.label}: label size {label.shape} differs from image size {image.shape} ({pair.image.name})")
     check_label_values(label, pair.label)
-    return image, binarize_label(label)
+    mask = binarize_label(label)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        mask[~np.isfinite(image)] = 0  # no image there: no mitochondria to learn or score
+    return image, mask
 
 
 def load_split(root: str | os.PathLike, split: str) -> tuple[list[Pair], list[np.ndarray], list[np.ndarray]]:
@@ -413,11 +424,3 @@ def resize_probability(probability: np.ndarray, shape: tuple[int, int], out: np.
         return resized.astype(np.float32)
     out[...] = resized
     return out
-
-
-# --- fast paired augmentation: tf.data, vectorised over the batch ---------------
-
-
-# --- the built-in synthetic demo --------------------------------------------------
-
-

@@ -120,18 +120,19 @@ def predict(args: argparse.Namespace) -> int:
 
     progress = tqdm(total=len(images), desc="predict", unit="file", file=sys.stderr)
     plans, skipped, failed = plan_outputs(args, base, images, output, progress)
-    done, kept, measurements, summaries = run_pipeline(args, segmenter, plans, progress, failed)
+    done, kept, measurements, summaries = run_pipeline(args, segmenter, plans, progress, failed, len(images) > 1)
     progress.close()
     skipped += kept
     if args.instances:
         write_tables(args, output, measurements, summaries)
     print(f"Wrote outputs for {done} files to {output}"
           + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
-    if failed:
+    if len(failed) == 1 and len(images) == 1:  # one file asked for: its reason is the one line
+        print(f"{PROG}: error: {failed[0]}", file=sys.stderr)
+    elif failed:
         print(f"{PROG}: error: {len(failed)} of {len(images)} files could not be read: "
-              + ", ".join(str(path) for path in failed), file=sys.stderr)
-        return 2
-    return 0
+              + ", ".join(str(error).split(": ")[0] for error in failed), file=sys.stderr)
+    return 2 if failed else 0
 
 
 def plan_outputs(args, base: Path, images: list[Path], output: Path, progress):
@@ -149,8 +150,9 @@ def plan_outputs(args, base: Path, images: list[Path], output: Path, progress):
         try:
             count = data.count_slices(path)
         except data.DataError as error:
-            tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
-            failed.append(path)
+            if len(images) > 1:
+                tqdm.write(f"{PROG}: skipped {error}", file=sys.stderr)
+            failed.append(error)
             progress.update()
             continue
         targets = output_paths(output, relative, count > 1)
@@ -163,7 +165,7 @@ def plan_outputs(args, base: Path, images: list[Path], output: Path, progress):
     return plans, skipped, failed
 
 
-def run_pipeline(args, segmenter, plans, progress, failed: list):
+def run_pipeline(args, segmenter, plans, progress, failed: list, report_each: bool = True):
     """Three overlapping stages: a thread reads and normalises the next slice, the model predicts this
     one, and a thread thresholds, measures and writes the previous one (in order, one at a time).
     Returns (files written, files whose outputs were all there, measurements, per-slice summaries)."""
@@ -183,8 +185,9 @@ def run_pipeline(args, segmenter, plans, progress, failed: list):
                     pending.result()
                     pending = None
                 finisher.discard(plan)
-                tqdm.write(f"{PROG}: skipped {item}", file=sys.stderr)
-                failed.append(plan.path)
+                if report_each:
+                    tqdm.write(f"{PROG}: skipped {item}", file=sys.stderr)
+                failed.append(item)
                 progress.update()
                 continue
             image, mask = item

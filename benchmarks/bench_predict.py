@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mito.stack_writer import StackWriter  # noqa: E402
 from mito.cli import Parser, positive_int, run_cli  # noqa: E402
 import mito.demo  # noqa: E402
 import mito.files  # noqa: E402
@@ -323,7 +324,7 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     large.mkdir(exist_ok=True)
     page = write_slices(large, 1, side)[0]
     stack_path = work / f"stack{side}.tif"
-    writer = data.StackWriter(stack_path, args.stack_pages)
+    writer = StackWriter(stack_path, args.stack_pages)
     for index in range(args.stack_pages):
         writer.add(np.roll(page, 31 * index, axis=0))
     writer.close()

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from typing import Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -169,6 +170,9 @@ def run_cli(prog: str, run: Callable[[], int | None], debug: bool = False) -> in
     """Run a script body: a user error (MitoError) becomes one line on stderr and exit code 2."""
     import_tensorflow_quietly()
     from mito.errors import MitoError
+
+    # Notes and warnings on one line each, like the errors: "prog: warning: <file>: what happened".
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"
 
     try:
         return run() or 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 
 class MitoError(Exception):
     """A problem the user can fix; the scripts print it on one line and exit with 2."""
@@ -22,3 +24,13 @@ class ConfigError(MitoError, ValueError):
 
 class ModelError(MitoError):
     """A model file or its settings file that cannot be used; the message names the file."""
+
+
+_noted = set()
+
+
+def note_once(message: str, kind: str) -> None:
+    """A warning said once per ``kind`` and run: a rule is stated once, not for every file."""
+    if kind not in _noted:
+        _noted.add(kind)
+        warnings.warn(message, stacklevel=3)

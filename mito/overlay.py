@@ -14,7 +14,7 @@ def overlay(image: np.ndarray, outlines, tint: np.ndarray | None = None) -> np.n
     """
     from skimage.segmentation import find_boundaries
 
-    gray = np.clip(image, 0, 1) * 255
+    gray = np.clip(np.nan_to_num(image), 0, 1) * 255  # no value (NaN) shows black
     picture = np.repeat(gray[..., None], 3, axis=-1)
     if tint is not None:
         picture[tint > 0] = 0.65 * picture[tint > 0] + 0.35 * np.array([0, 255, 0])

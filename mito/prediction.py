@@ -4,6 +4,7 @@ overlapping stages (read and normalise the next slice, predict this one, finish 
 
 from __future__ import annotations
 
+from mito.stack_writer import StackWriter
 import dataclasses
 from pathlib import Path
 
@@ -109,7 +110,7 @@ class Finisher:
 
         if index == 0:
             plan.targets["mask"].parent.mkdir(parents=True, exist_ok=True)
-            self.writers[plan.path] = {kind: data.StackWriter(plan.targets[kind], plan.count, plan.count > 1)
+            self.writers[plan.path] = {kind: StackWriter(plan.targets[kind], plan.count, plan.count > 1)
                                        for kind in plan.missing}
         writers = self.writers[plan.path]
         if probability is not None:

@@ -108,8 +108,9 @@ class Segmenter:
         return cls(model, settings, **options)
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
-        """A raw (y, x) slice of any dtype -> (y, x) float32 in [0, 1], as the model was trained."""
-        return normalize(raw, self.normalization)
+        """A raw (y, x) slice of any dtype -> (y, x) float32 in [0, 1], as the model was trained;
+        NaN where the slice has no finite value (``probability`` is NaN there, ``mask`` background)."""
+        return normalize(raw, self.normalization, fill=False)
 
     def probability(self, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """A raw (y, x) slice -> (y, x) float32 mitochondria probability (into ``out`` if given)."""
@@ -120,17 +121,28 @@ class Segmenter:
 
         A model trained at a scale other than 1 predicts the resampled slice (tile size and
         overlap count its pixels), and the probability is interpolated back to the slice's size.
+        NaN pixels (no finite value in the slice) are filled with the median for the network, and
+        their probability is NaN.
         """
+        invalid = np.isnan(image)
+        if invalid.any():
+            image = np.where(invalid, np.median(image[~invalid]), image).astype(np.float32)
         if self.scale == 1:
-            return predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align, self.batch_size,
-                                 out)
-        resampled = predict_tiled(self.predict_fn, rescale_image(image, self.scale), self.tile_size, self.overlap,
-                                  self.align, self.batch_size)
-        return resize_probability(resampled, np.shape(image), out)
+            probability = predict_tiled(self.predict_fn, image, self.tile_size, self.overlap, self.align,
+                                        self.batch_size, out)
+        else:
+            resampled = predict_tiled(self.predict_fn, rescale_image(image, self.scale), self.tile_size, self.overlap,
+                                      self.align, self.batch_size)
+            probability = resize_probability(resampled, np.shape(image), out)
+        if invalid.any():
+            probability[invalid] = np.nan
+        return probability
 
     def mask(self, probability: np.ndarray) -> np.ndarray:
-        """Threshold and clean up a probability map: (y, x) bool."""
-        return postprocess(probability >= self.threshold, self.postprocess)
+        """Threshold and clean up a probability map: (y, x) bool; background where it is NaN."""
+        valid = np.isfinite(probability)
+        mask = postprocess(valid & (probability >= self.threshold), self.postprocess)
+        return mask if valid.all() else mask & valid
 
     def segment(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A raw slice -> (probability, mask)."""

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from conftest import REPO, TINY_TRAINING, TINY_TRAINING_XLA
 
+from mito.stack_writer import StackWriter
 import data
 import training_mito
 import mito.augmentation
@@ -232,6 +233,6 @@ def test_stale_partials_of_other_machines_are_left_alone(tmp_path):
 
 def test_streamed_stacks_name_their_temporary_file_after_this_machine(tmp_path):
     # A shard on another machine must see an unfinished stack as someone else's, not as stale.
-    writer = data.StackWriter(tmp_path / "stack.tif", count=2)
+    writer = StackWriter(tmp_path / "stack.tif", count=2)
     assert writer.temporary == mito.files.partial_path(tmp_path / "stack.tif")
     assert writer.temporary.name.endswith(f".partial-{os.getpid()}-{mito.files._HOST}.tif")

@@ -160,6 +160,17 @@ def make_dataset(root, shape=(64, 64), label=None, broken=None):
     return root
 
 
+def jpeg_mask() -> bytes:
+    """A 0/255 mask saved as JPEG: compression smears its edges into other values."""
+    import io
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:40, 10:50] = 255
+    buffer = io.BytesIO()
+    iio.imwrite(buffer, mask, extension=".jpg")
+    return buffer.getvalue()
+
+
 def breakages():
     """(name, how to break a good dataset) for each case the scripts must refuse."""
 
@@ -189,8 +200,7 @@ def breakages():
         "size mismatch": (image("train/labels/1.png", np.zeros((32, 64), np.uint8)), "differs from image size"),
         "corrupt image": (write("train/images/0.png", b"\x89PNG\r\n\x1a\ntruncated"), "0.png: not a readable image"),
         "not an image": (write("valid/images/1.png", b"hello"), "1.png: not a readable image"),
-        "label not binary": (image("train/labels/0.png", np.arange(64 * 64).reshape(64, 64).astype(np.uint8) % 4),
-                             "0.png: label values {0, 1, 2, 3} are not a binary mask"),
+        "label not a mask": (write("train/labels/0.png", jpeg_mask()), "JPEG's lossy compression smears masks"),
     }
 
 
@@ -206,7 +216,7 @@ def test_training_refuses_bad_datasets_before_any_work(case, tmp_path, capsys):
     assert snapshot(tmp_path) == before  # no model, no log: nothing was written
 
 
-@pytest.mark.parametrize("case", ["corrupt image", "label not binary", "size mismatch", "image without label"])
+@pytest.mark.parametrize("case", ["corrupt image", "label not a mask", "size mismatch", "image without label"])
 def test_scoring_refuses_bad_test_splits(case, tiny_model, tmp_path, capsys):
     root = make_dataset(tmp_path / "data")
     breakage, message = breakages()[case]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from mito.stack_writer import StackWriter
 import data
 import prediction_mito
 import unet
@@ -60,7 +61,7 @@ def test_slices_read_one_at_a_time_equal_the_whole_stack(tmp_path):
 
 def test_a_stack_written_slice_by_slice_is_one_imagej_z_stack(tmp_path):
     pages = [np.full((6, 9), index * 50, np.uint8) for index in range(3)]
-    writer = data.StackWriter(tmp_path / "stack.tif", len(pages))
+    writer = StackWriter(tmp_path / "stack.tif", len(pages))
     for page in pages:
         writer.add(page)
     assert not (tmp_path / "stack.tif").exists()  # renamed into place only when complete
@@ -68,16 +69,16 @@ def test_a_stack_written_slice_by_slice_is_one_imagej_z_stack(tmp_path):
     with tifffile.TiffFile(tmp_path / "stack.tif") as tiff:
         assert tiff.is_imagej and tiff.imagej_metadata["images"] == 3 and tiff.series[0].axes == "ZYX"
         np.testing.assert_array_equal(tiff.asarray(), np.stack(pages))
-    rgb = data.StackWriter(tmp_path / "rgb.tif", 2)
+    rgb = StackWriter(tmp_path / "rgb.tif", 2)
     rgb.add(np.zeros((6, 9, 3), np.uint8))
     rgb.add(np.ones((6, 9, 3), np.uint8))
     rgb.close()
     assert tifffile.imread(tmp_path / "rgb.tif").shape == (2, 6, 9, 3)
-    unfinished = data.StackWriter(tmp_path / "unfinished.tif", 3)
+    unfinished = StackWriter(tmp_path / "unfinished.tif", 3)
     unfinished.add(pages[0])
     with pytest.raises(ValueError, match="1 slices written, 3 expected"):
         unfinished.close()
-    discarded = data.StackWriter(tmp_path / "discarded.tif", 3)
+    discarded = StackWriter(tmp_path / "discarded.tif", 3)
     discarded.add(pages[0])
     discarded.discard()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["rgb.tif", "stack.tif"]  # no partial files
