@@ -7,7 +7,7 @@ classifier) is trained on pixels sampled from the train split, its threshold
 is tuned on the valid split like the U-Net's, and both are scored on the test
 split with the same metrics code (mito.metrics.py) in one run.
 
-  python benchmarks/baseline_random_forest.py --dataset ../shared/datasets/em_mito_sample \
+  python benchmarks/baseline_random_forest.py --dataset dataset/em_mito_sample \
       --model models/em_cpu.h5
 
 Needs scikit-learn (requirements-dev.txt).
@@ -32,7 +32,7 @@ PROG = "baseline_random_forest.py"
 
 def parse_args(argv=None):
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--dataset", default="../shared/datasets/em_mito_sample", help="dataset root (default: %(default)s)")
+    parser.add_argument("--dataset", default="dataset/em_mito_sample", help="dataset root (default: %(default)s)")
     parser.add_argument("--model", help="a trained U-Net (.h5) to score beside the baseline")
     parser.add_argument("--pixels", type=positive_int, default=300_000,
                         help="training pixels sampled from the train split (default: %(default)s)")

@@ -34,15 +34,15 @@ import mito.augmentation  # noqa: E402
 import mito.demo  # noqa: E402
 import mito.fast_augmentation  # noqa: E402
 
-SAMPLE = REPO.parent / "shared" / "datasets" / "em_mito_sample"
+SAMPLE = REPO / "dataset" / "em_mito_sample"  # python dataset/download_em_mito_sample.py
 ENGINES = ("keras", "fast", "none")
 MODELS = ("cpu", "gpu")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(prog="bench_pipeline.py", description=__doc__)
-    parser.add_argument("--dataset", help="dataset root with train/ (default: ../shared/datasets/em_mito_sample "
-                                          "beside the repository if present, else the demo in dataset/demo)")
+    parser.add_argument("--dataset", help="dataset root with train/ (default: dataset/em_mito_sample "
+                                          "once built, else the demo in dataset/demo)")
     parser.add_argument("--augmentation", choices=["standard", "strong"], default="strong",
                         help="augmentation strength, as training_mito.py --augmentation (default: strong, "
                              "the heavier one, blur included)")

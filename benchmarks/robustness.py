@@ -6,7 +6,7 @@ exactly these ways. Each perturbation is applied to the raw 8-bit test
 slices before the usual normalisation, so this measures what a user would
 see; the labels stay as they are.
 
-  python benchmarks/robustness.py --dataset ../shared/datasets/em_mito_sample --model models/em_cpu.h5
+  python benchmarks/robustness.py --dataset dataset/em_mito_sample --model models/em_cpu.h5
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--dataset", default="../shared/datasets/em_mito_sample", help="dataset root (default: %(default)s)")
+    parser.add_argument("--dataset", default="dataset/em_mito_sample", help="dataset root (default: %(default)s)")
     parser.add_argument("--model", required=True, help="trained .h5 model")
     args = parser.parse_args(argv)
     return run_cli(PROG, lambda: run(args))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw misc/fig.png: a real test slice, its ground truth and the model's prediction, side by side.
 
-  python misc/make_figure.py --model models/em_cpu.h5 --dataset ../shared/datasets/em_mito_sample
+  python misc/make_figure.py --model models/em_cpu.h5 --dataset dataset/em_mito_sample
 
 The overlay colours: green = ground truth only (missed), magenta = prediction
 only (false alarm), white = both.
@@ -66,7 +66,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--model", required=True, help="trained .h5 model")
-    parser.add_argument("--dataset", default="../shared/datasets/em_mito_sample", help="dataset root (default: %(default)s)")
+    parser.add_argument("--dataset", default="dataset/em_mito_sample", help="dataset root (default: %(default)s)")
     parser.add_argument("--index", type=int, default=0, help="which test slice (default: the first)")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "fig.png"),
                         help="the PNG to write (default: misc/fig.png)")
