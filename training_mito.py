@@ -56,7 +56,7 @@ def build_parser() -> Parser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", help=f"dataset root with train/ and valid/ {default('dataset')}")
-    data.add_argument("--normalization", choices=["percentile", "range"], default="percentile",
+    data.add_argument("--normalization", choices=["percentile", "range"],
                       help="per-image 1-99.8 percentile stretch, or division by the dtype's maximum "
                            "(default: percentile)")
     data.add_argument("--scale", type=scale_factor,
@@ -88,6 +88,11 @@ def build_parser() -> Parser:
 def add_model_options(model, default) -> None:
     model.add_argument("--model", help=f"output .h5 file; its settings go to the .json beside it {default('model')}")
     model.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    model.add_argument("--init-from", metavar="MODEL",
+                       help="fine-tune: start from this trained model's weights, with its architecture, "
+                            "normalisation and scale (explicit options that differ are an error); the threshold and "
+                            "clean-up are tuned again on this dataset's validation split, and the JSON records the "
+                            "parent's file name and SHA-256"),
     model.add_argument("--resume", action="store_true",
                        help="continue the interrupted (or finished) run of --model from its last completed epoch, "
                             "with its options; --epochs may raise the total")
@@ -214,20 +219,53 @@ def train(args: argparse.Namespace) -> int:
         atexit.register(shutil.rmtree, scratch, True)
         model_path = scratch / model_path.name
         args.tensorboard = args.tensorboard and str(scratch / "tensorboard")
-    config = unet_config(args)
-    split = load_training_data(args)
+    parent = inherit_from_parent(args) if args.init_from and not state else None
+    config = parent[1].unet if parent else unet_config(args)
+    split = load_training_data(args, parent[1].normalization if parent else None)
     if not args.resume:
         checkpoints.remove_resume_state(model_path)  # a fresh run must not resume an older one
     choose_determinism_and_xla(args, strategy, workers)
     run = describe_run(args, config, strategy, workers, chief, model_path, split, state)
-    model = build_or_resume_model(args, config, strategy, model_path, state)
+    model = build_or_resume_model(args, config, strategy, model_path, state, parent[0] if parent else None)
     settings = resumed_settings(args, state) if state else new_settings(args, config, run, model_path,
                                                                              split["normalization"])
+    if parent:
+        settings.training["parent"] = parent_record(args.init_from)
     best = fit(args, model, settings, split, strategy, model_path, state, run)
     if not chief:
         print(f"Worker done ({time.time() - started:.0f} s); the chief writes the model")
         return 0
     return finish(args, model_path, settings, split, best, time.time() - started, state)
+
+
+def inherit_from_parent(args):
+    """The model --init-from names and its settings; its architecture, normalisation and scale become
+    this run's. An explicit option that says otherwise is a ConfigError naming both values."""
+    from mito.errors import ConfigError
+    from mito.model_files import load_model
+
+    model, settings = load_model(args.init_from)  # ModelError naming the file when it is no model of ours
+    unet = settings.unet
+    inherited = {"depth": unet.depth, "filters": unet.base_filters, "dropout": unet.dropout,
+                 "head_filters": unet.head_filters, "batch_norm": unet.batch_norm, "scale": settings.scale,
+                 "normalization": settings.normalization["mode"]}
+    conflicts = [f"--{key.replace('_', '-')} {getattr(args, key)} (the parent has {value})"
+                 for key, value in inherited.items() if key in args.explicit and getattr(args, key) != value]
+    if conflicts:
+        raise ConfigError(f"{args.init_from}: " + ", ".join(conflicts) + " conflicts with the model --init-from "
+                          "starts from; leave those options out to inherit them")
+    for key, value in inherited.items():
+        setattr(args, key, value)
+    unet_config(args)  # the training tile on the parent's pooling grid
+    return model, settings
+
+
+def parent_record(path) -> dict:
+    """What the JSON keeps of the parent model: its file name, where it was, and its SHA-256."""
+    import hashlib
+
+    path = Path(path)
+    return {"model": path.name, "path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def unet_config(args):
@@ -245,7 +283,7 @@ def unet_config(args):
     return config
 
 
-def load_training_data(args) -> dict:
+def load_training_data(args, normalization: dict | None = None) -> dict:
     """Every slice read and checked before any work: training slices normalised and resampled by
     --scale, validation slices raw (for whole-slice scoring) and cut into tiles at the model's scale."""
     import data
@@ -257,7 +295,8 @@ def load_training_data(args) -> dict:
         if not demo_is_complete(args.dataset):
             print(f"Writing the synthetic demo dataset to {args.dataset} ...")
             make_demo_dataset(args.dataset)
-    normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
+    if normalization is None:
+        normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
     _, train_raw, train_masks = data.load_split(args.dataset, "train")
     _, valid_raw, valid_masks = data.load_split(args.dataset, "valid")
 
@@ -318,7 +357,7 @@ def describe_run(args, config, strategy, workers: int, chief: bool, model_path: 
     return dict(replicas=replicas, workers=workers, global_batch=global_batch)
 
 
-def build_or_resume_model(args, config, strategy, model_path: Path, state):
+def build_or_resume_model(args, config, strategy, model_path: Path, state, parent=None):
     import tensorflow as tf
 
     from mito.checkpoints import load_resume_model
@@ -334,6 +373,8 @@ def build_or_resume_model(args, config, strategy, model_path: Path, state):
                     args.learning_rate, decay_steps=args.epochs * args.steps_per_epoch, alpha=0.01)
             model = compile_unet(build_unet(config), learning_rate, args.loss, args.foreground_weight,
                                  jit_compile=args.xla)
+            if parent is not None:  # fine-tuning starts from the parent's weights
+                model.set_weights(parent.get_weights())
         model.jit_compile = args.xla  # a resumed run compiles as it was first compiled
     return model
 

@@ -16,6 +16,7 @@ BASE = dict(
     batch_size=4,
     tile_size=256,
     scale=1.0,
+    normalization="percentile",
     filters=64,
     depth=4,
     dropout=0.5,
@@ -81,6 +82,7 @@ RUN_OPTIONS = (
     "geometry",  # runs saved before it existed used "affine"
     "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "lr_schedule", "loss", "foreground_weight",
     "monitor", "patience", "seed", "deterministic", "xla", "scale",
+    "init_from",  # the parent model of a fine-tuning run, or None
 )
 # What runs saved before an option existed used.
-RESUME_DEFAULTS = {"augment": "keras", "geometry": "affine", "xla": False, "scale": 1.0}
+RESUME_DEFAULTS = {"augment": "keras", "geometry": "affine", "xla": False, "scale": 1.0, "init_from": None}

@@ -179,3 +179,74 @@ def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
 
     with pytest.raises(DataError, match="dataset folder not found"):
         training_mito.main(["--dataset", str(tmp_path / "missing"), "--model", str(tmp_path / "m.h5"), "--debug"])
+
+
+# --- fine-tuning: --init-from ------------------------------------------------------------
+
+def test_init_from_starts_from_the_parent_and_records_it(tiny_model, small_dataset, tmp_path, capsys):
+    import hashlib
+
+    child = tmp_path / "child.h5"
+    # No --filters/--depth: they come from the parent, whatever the preset says. A learning rate too small
+    # to move float32 weights shows what the run started from.
+    assert training_mito.main(["--dataset", str(small_dataset), "--model", str(child), "--init-from",
+                               str(tiny_model), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2",
+                               "--train-tile-size", "64", "--workers", "1", "--no-xla",
+                               "--learning-rate", "1e-12"]) == 0
+    parent_model, parent = mito.model_files.load_model(tiny_model)
+    model, settings = mito.model_files.load_model(child)
+    assert settings.unet == parent.unet and settings.normalization == parent.normalization
+    for child_weight, parent_weight in zip(model.get_weights(), parent_model.get_weights(), strict=True):
+        np.testing.assert_allclose(child_weight, parent_weight, rtol=0, atol=1e-9)  # a 1e-12 step at most
+    record = settings.training["parent"]
+    assert record["model"] == "tiny.h5" and record["sha256"] == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    assert settings.training["options"]["init_from"] == str(tiny_model)
+    assert settings.threshold_tuned_on == "valid (1 images)"
+
+
+def test_init_from_trains_resumes_and_repeats(tiny_model, small_dataset, tmp_path, monkeypatch):
+    options = ["--dataset", str(small_dataset), "--init-from", str(tiny_model), "--epochs", "2",
+               "--steps-per-epoch", "2", "--batch-size", "2", "--train-tile-size", "64", "--workers", "1",
+               "--no-xla", "--learning-rate", "0.01"]
+    whole = tmp_path / "whole.h5"
+    assert training_mito.main([*options, "--model", str(whole)]) == 0
+    original = mito.checkpoints.TrainingCheckpoints.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    interrupted = tmp_path / "interrupted.h5"
+    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
+    assert training_mito.main([*options, "--model", str(interrupted)]) == 130
+    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", original)
+    assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
+    assert_same_weights(mito.model_files.load_model(interrupted)[0].get_weights(),
+                        mito.model_files.load_model(whole)[0].get_weights())
+    assert mito.model_files.load_model(interrupted)[1].training["parent"] == \
+        mito.model_files.load_model(whole)[1].training["parent"]
+    parent_weights = mito.model_files.load_model(tiny_model)[0].get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(parent_weights,
+                                                         mito.model_files.load_model(whole)[0].get_weights()))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--filters", "8"], "--filters 8 (the parent has 4) conflicts with the model --init-from starts from"),
+    (["--scale", "0.5", "--normalization", "range"], "--scale 0.5 (the parent has 1.0), --normalization range"),
+])
+def test_init_from_refuses_explicit_options_that_contradict_the_parent(options, message, tiny_model, small_dataset,
+                                                                       tmp_path, capsys):
+    code = training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "child.h5"),
+                               "--init-from", str(tiny_model), *options])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and message in error[0]
+    assert not (tmp_path / "child.h5").exists()
+
+
+def test_init_from_a_file_that_is_no_model_is_one_line(small_dataset, tmp_path, capsys):
+    (tmp_path / "notes.h5").write_text("not a model")
+    code = training_mito.main(["--dataset", str(small_dataset), "--model", str(tmp_path / "child.h5"),
+                               "--init-from", str(tmp_path / "notes.h5")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "notes.h5: not a loadable Keras model" in error[0]
