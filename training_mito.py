@@ -55,7 +55,10 @@ def build_parser() -> Parser:
                              "then score it on the demo test split")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", help=f"dataset root with train/ and valid/ {default('dataset')}")
+    data.add_argument("--dataset", nargs="+", metavar="ROOT",
+                      help="dataset root with train/ and valid/; several roots train one model on all of them, each "
+                           "dataset drawn as often as the others whatever its size, and report the validation IoU "
+                           f"of each {default('dataset')}")
     data.add_argument("--normalization", choices=["percentile", "range"],
                       help="per-image 1-99.8 percentile stretch, or division by the dtype's maximum "
                            "(default: percentile)")
@@ -149,6 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     if args.demo and args.preset:
         parser.error("--demo brings its own preset; leave out --preset")
+    if isinstance(args.dataset, list) and len(args.dataset) == 1:
+        args.dataset = args.dataset[0]  # one dataset: a plain path, as runs have always recorded it
     args.preset = "demo" if args.demo else args.preset or "gpu"
     preset = PRESETS[args.preset]
     args.explicit = {key for key in preset if getattr(args, key) is not None}
@@ -297,17 +302,33 @@ def load_training_data(args, normalization: dict | None = None) -> dict:
             make_demo_dataset(args.dataset)
     if normalization is None:
         normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
-    _, train_raw, train_masks = data.load_split(args.dataset, "train")
-    _, valid_raw, valid_masks = data.load_split(args.dataset, "valid")
+    roots = dataset_roots(args)
+    loaded = [(data.load_split(root, "train")[1:], data.load_split(root, "valid")[1:]) for root in roots]
 
     def model_view(images, masks):  # what the network sees: normalised, resampled by --scale
         return ([data.rescale_image(data.normalize(image, normalization), args.scale) for image in images],
                 [data.rescale_mask(mask, args.scale) for mask in masks])
 
-    train_images, train_masks = model_view(train_raw, train_masks)
-    valid_x, valid_y = grid_tiles(*model_view(valid_raw, valid_masks), args.tile_size)
-    return dict(normalization=normalization, train_images=train_images, train_masks=train_masks,
-                valid_raw=valid_raw, valid_masks=valid_masks, valid_x=valid_x, valid_y=valid_y)
+    split = dict(normalization=normalization, train_images=[], train_masks=[], image_weights=[], valid_raw=[],
+                 valid_masks=[], valid_dataset=[])
+    for number, ((train_raw, train_masks), (valid_raw, valid_masks)) in enumerate(loaded):
+        images, masks = model_view(train_raw, train_masks)
+        total = sum(image.size for image in images)
+        split["train_images"] += images
+        split["train_masks"] += masks
+        split["image_weights"] += [image.size / total / len(roots) for image in images]  # datasets alike
+        split["valid_raw"] += valid_raw
+        split["valid_masks"] += valid_masks
+        split["valid_dataset"] += [number] * len(valid_raw)
+    if len(roots) == 1:
+        split["image_weights"] = None  # by area, as always
+    split["valid_x"], split["valid_y"] = grid_tiles(*model_view(split["valid_raw"], split["valid_masks"]),
+                                                    args.tile_size)
+    return split
+
+
+def dataset_roots(args) -> list[str]:
+    return list(args.dataset) if isinstance(args.dataset, list) else [args.dataset]
 
 
 def choose_determinism_and_xla(args, strategy, workers: int) -> None:
@@ -337,7 +358,8 @@ def describe_run(args, config, strategy, workers: int, chief: bool, model_path: 
 
     replicas = strategy.num_replicas_in_sync
     global_batch = args.batch_size * replicas
-    print(f"Dataset     {args.dataset}: {len(split['train_images'])} train, {len(split['valid_raw'])} valid images")
+    print(f"Dataset     {', '.join(dataset_roots(args))}: {len(split['train_images'])} train, "
+          f"{len(split['valid_raw'])} valid images" + (", each dataset drawn alike" if split["image_weights"] else ""))
     print(f"Model       {model_path} (depth {config.depth}, {config.base_filters} base filters, "
           f"dropout {config.dropout}, batch norm {config.batch_norm})")
     print(f"Replicas    {replicas} ({', '.join(replica_devices(strategy))}"
@@ -396,7 +418,8 @@ def new_settings(args, config, run: dict, model_path: Path, normalization: dict)
         scale=args.scale,
         train_tile_size=args.tile_size,
         training={
-            "dataset": str(Path(args.dataset).resolve()),
+            "dataset": (str(Path(args.dataset).resolve()) if isinstance(args.dataset, str)
+                        else [str(Path(root).resolve()) for root in args.dataset]),
             "options": run_options(args),
             "replicas": run["replicas"],
             "workers": run["workers"],
@@ -478,8 +501,24 @@ def training_tiles(args, split: dict, global_batch: int):
     return tiles_class(
         split["train_images"], split["train_masks"], args.tile_size, global_batch, args.steps_per_epoch,
         augment=args.augmentation != "none", seed=args.seed, geometry=GEOMETRIES[args.geometry],
-        intensity=INTENSITY_AUGMENTATIONS.get(args.augmentation),
+        intensity=INTENSITY_AUGMENTATIONS.get(args.augmentation), image_weights=split["image_weights"],
     )
+
+
+def valid_iou_per_dataset(args, segmenter, split: dict) -> dict:
+    """Each dataset's validation IoU (all its pixels) with the tuned threshold and clean-up, printed."""
+    import numpy as np
+
+    from mito.metrics import confusion_counts
+
+    scores = {}
+    for number, root in enumerate(dataset_roots(args)):
+        counts = sum(np.array(confusion_counts(segmenter.mask(segmenter.probability(image)), mask)[:3])
+                     for image, mask, source in zip(split["valid_raw"], split["valid_masks"], split["valid_dataset"])
+                     if source == number)
+        scores[root] = round(float(counts[0] / max(counts.sum(), 1)), 4)
+        print(f"Validation  {root}: IoU {scores[root]:.4f}")
+    return scores
 
 
 def finish(args, model_path: Path, settings, split: dict, best, seconds: float, state) -> int:
@@ -495,6 +534,8 @@ def finish(args, model_path: Path, settings, split: dict, best, seconds: float, 
         **{f"best_{args.monitor}": best.best},
         seconds=round(seconds + (state["settings"]["training"].get("seconds", 0) if state else 0), 1),
     )
+    if isinstance(args.dataset, list):
+        settings.training["valid_iou_per_dataset"] = valid_iou_per_dataset(args, Segmenter(model, settings), split)
     write_settings(model_path, settings)
     plot_curves(settings.history, model_path.with_name(settings.curves_png))
     postprocess = settings.postprocess

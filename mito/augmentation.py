@@ -109,9 +109,9 @@ def reflect_to_at_least(array: np.ndarray, size: int) -> np.ndarray:
     return np.pad(array, pad, mode="reflect") if any(after for _, after in pad) else array
 
 
-def random_tile(images, masks, tile_size: int, rng: np.random.Generator, context: int = 0):
-    """A random (tile + 2*context)-sized crop from a random image, picked by area."""
-    areas = np.array([image.size for image in images], dtype=np.float64)
+def random_tile(images, masks, tile_size: int, rng: np.random.Generator, context: int = 0, weights=None):
+    """A random (tile + 2*context)-sized crop from a random image, picked by area (or by ``weights``)."""
+    areas = np.array([image.size for image in images] if weights is None else weights, dtype=np.float64)
     index = rng.choice(len(images), p=areas / areas.sum())
     size = tile_size + 2 * context
     image = reflect_to_at_least(images[index], size)
@@ -124,13 +124,15 @@ def random_tile(images, masks, tile_size: int, rng: np.random.Generator, context
 class TileSampler:
     """What both augmentation engines share: the batch geometry, the seed, and the augmentation
     (``geometry`` and ``intensity`` default to the standard ones; nothing when ``augment`` is off).
+    Images are picked by area, or by ``image_weights`` (several datasets sampled fairly).
 
     A subclass draws batch ``(epoch, index)`` as a pure function of (seed, epoch, index), so a
     run repeats exactly and a resumed run sees the batches the interrupted one would have.
     """
 
     def __init__(self, tile_size: int, batch_size: int, steps_per_epoch: int, augment: bool = True, seed: int = 0,
-                 geometry: dict | None = None, intensity: dict | None = None):
+                 geometry: dict | None = None, intensity: dict | None = None, image_weights=None):
+        self.image_weights = None if image_weights is None else np.asarray(image_weights, np.float64)
         self.tile_size, self.batch_size, self.steps_per_epoch = tile_size, batch_size, steps_per_epoch
         self.augment, self.seed = augment, seed
         self.geometry = dict(GEOMETRIC_AUGMENTATION if geometry is None else geometry) if augment else {}
@@ -170,7 +172,7 @@ class TrainingTiles(TileSampler):
         x = np.empty((size, self.tile_size, self.tile_size, 1), np.float32)
         y = np.empty_like(x)
         for sample in range(size):
-            image, mask = random_tile(self.images, self.masks, self.tile_size, rng, self.context)
+            image, mask = random_tile(self.images, self.masks, self.tile_size, rng, self.context, self.image_weights)
             if self.augment:
                 image, mask = augment_pair(self.generator, image, mask, rng, self.intensity, self.transpose)
                 centre = slice(self.context, self.context + self.tile_size)

@@ -191,7 +191,8 @@ class FastTrainingTiles(TileSampler):
             for number, array in enumerate(arrays):
                 stack[number, : array.shape[0], : array.shape[1]] = array
             self.tables.append(tf.constant(stack.reshape(-1)))
-        area = np.cumsum(self.shapes.prod(axis=1).astype(np.float64))
+        area = np.cumsum(self.shapes.prod(axis=1).astype(np.float64) if self.image_weights is None
+                         else self.image_weights)
         self.cumulative_area = tf.constant((area / area[-1])[None, :-1], tf.float32)  # (1, images - 1)
         # XLA fuses the per-pixel arithmetic into a few loops: several times faster than op by op.
         self._jitted = tf.function(self._make_batch_xla, jit_compile=True)

@@ -250,3 +250,39 @@ def test_init_from_a_file_that_is_no_model_is_one_line(small_dataset, tmp_path, 
                                "--init-from", str(tmp_path / "notes.h5")])
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(error) == 1 and "notes.h5: not a loadable Keras model" in error[0]
+
+
+# --- several datasets in one run ------------------------------------------------------------
+
+def test_several_datasets_train_one_model_and_are_scored_each(small_dataset, demo_dataset, tmp_path, capsys):
+    path = tmp_path / "both.h5"
+    assert training_mito.main(["--dataset", str(small_dataset), str(demo_dataset), "--model", str(path),
+                               *TINY_TRAINING]) == 0
+    printed = capsys.readouterr().out
+    assert "each dataset drawn alike" in printed
+    _, settings = mito.model_files.load_model(path)
+    assert settings.training["dataset"] == [str(small_dataset.resolve()), str(demo_dataset.resolve())]
+    per_dataset = settings.training["valid_iou_per_dataset"]
+    assert list(per_dataset) == [str(small_dataset), str(demo_dataset)]
+    assert all(0 <= iou <= 1 for iou in per_dataset.values())
+    for root in (small_dataset, demo_dataset):
+        assert f"Validation  {root}: IoU {per_dataset[str(root)]:.4f}" in printed
+    assert training_mito.main(["--model", str(path), "--resume", "--epochs", "2"]) == 0  # keeps both
+    assert mito.model_files.load_model(path)[1].training["dataset"] == settings.training["dataset"]
+
+
+@pytest.mark.parametrize("engine", ["keras", "fast"])
+def test_a_small_dataset_is_drawn_as_often_as_a_large_one(engine):
+    import mito.augmentation
+    import mito.fast_augmentation
+
+    large = [np.full((256, 256), 0.25, np.float32)]  # one dataset: one large slice
+    small = [np.full((64, 64), 0.75, np.float32)] * 2  # another: two small ones, 1/8 of the area
+    images, masks = large + small, [np.zeros(image.shape, np.uint8) for image in large + small]
+    weights = [1 / 2] + [1 / 4, 1 / 4]
+    tiles_class = mito.fast_augmentation.FastTrainingTiles if engine == "fast" else mito.augmentation.TrainingTiles
+    fair = tiles_class(images, masks, 32, 64, 4, augment=False, seed=1, image_weights=weights)
+    by_area = tiles_class(images, masks, 32, 64, 4, augment=False, seed=1)
+    share = np.mean([np.isclose(fair.batch(0, index)[0][:, 0, 0, 0], 0.75).mean() for index in range(4)])
+    area_share = np.mean([np.isclose(by_area.batch(0, index)[0][:, 0, 0, 0], 0.75).mean() for index in range(4)])
+    assert 0.4 < share < 0.6 and area_share < 0.25
