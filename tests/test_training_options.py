@@ -1,5 +1,6 @@
 """Each training option checked by its effect: what the saved model, its JSON or its resume point holds."""
 
+import contextlib
 import json
 
 import numpy as np
@@ -24,6 +25,23 @@ def resume_point(model_path):
     return state, mito.checkpoints.load_resume_model(model_path, state)
 
 
+@contextlib.contextmanager
+def interrupted_after_first_epoch(monkeypatch):
+    """Training inside stops right after its first epoch's resume point is saved, as Ctrl-C would stop it."""
+    original = mito.checkpoints.TrainingCheckpoints.on_epoch_end
+
+    def stop_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", original)
+
+
 def assert_same_weights(first, second):
     assert len(first) == len(second)
     for a, b in zip(first, second):
@@ -44,17 +62,9 @@ def test_cosine_schedule_decays_the_rate_and_an_interrupted_run_resumes_on_it(sm
     assert float(resume_point(constant)[1].optimizer.learning_rate) == pytest.approx(0.01)
 
     # The same run stopped after its first epoch (as by Ctrl-C), then resumed: the schedule goes on.
-    original = mito.checkpoints.TrainingCheckpoints.on_epoch_end
-
-    def stop_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
     interrupted = tmp_path / "interrupted.h5"
-    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
-    assert train(small_dataset, interrupted, *options) == 130
-    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", original)
+    with interrupted_after_first_epoch(monkeypatch):
+        assert train(small_dataset, interrupted, *options) == 130
     assert mito.checkpoints.read_resume_state(interrupted)["epoch"] == 1
     assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
     _, resumed = resume_point(interrupted)
@@ -210,17 +220,9 @@ def test_init_from_trains_resumes_and_repeats(tiny_model, small_dataset, tmp_pat
                "--no-xla", "--learning-rate", "0.01"]
     whole = tmp_path / "whole.h5"
     assert training_mito.main([*options, "--model", str(whole)]) == 0
-    original = mito.checkpoints.TrainingCheckpoints.on_epoch_end
-
-    def stop_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
     interrupted = tmp_path / "interrupted.h5"
-    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", stop_after_first_epoch)
-    assert training_mito.main([*options, "--model", str(interrupted)]) == 130
-    monkeypatch.setattr(mito.checkpoints.TrainingCheckpoints, "on_epoch_end", original)
+    with interrupted_after_first_epoch(monkeypatch):
+        assert training_mito.main([*options, "--model", str(interrupted)]) == 130
     assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
     assert_same_weights(mito.model_files.load_model(interrupted)[0].get_weights(),
                         mito.model_files.load_model(whole)[0].get_weights())
