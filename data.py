@@ -140,26 +140,34 @@ def read_slices(path: str | os.PathLike) -> np.ndarray:
         image = image[None]
     if image.ndim != 3 or 0 in image.shape:
         raise DataError(f"{path}: expected a 2D grayscale image or a stack of them, got an array of shape {image.shape}")
-    report_non_finite(image, path)
+    stack = len(image) > 1
+    warn_non_finite(path, sum(count_non_finite(page, path, index if stack else None)
+                              for index, page in enumerate(image)))
     return image
 
 
-def report_non_finite(image: np.ndarray, path) -> int:
-    """Warn (one line naming the file) when a float image has NaN or infinite pixels; how many.
+def count_non_finite(page: np.ndarray, path, index: int | None = None) -> int:
+    """How many NaN or infinite pixels a slice has; DataError naming the file (and slice) when it has
+    no finite pixel at all.
 
-    The rule everywhere: they are left out of the normalisation statistics and filled for the
-    network (``normalize``), predicted as background with probability NaN (the Segmenter), and
-    training takes their labels as background. A slice with no finite pixel at all is refused.
+    The rule everywhere: such pixels are left out of the normalisation statistics and filled for
+    the network (``normalize``), predicted as background with probability NaN (the Segmenter), and
+    training takes their labels as background.
     """
-    if image.dtype.kind != "f":
+    if page.dtype.kind != "f":
         return 0
-    count = int(image.size - np.count_nonzero(np.isfinite(image)))
-    if count == image.size:
-        raise DataError(f"{path}: no finite pixel (all NaN or infinite)")
+    count = int(page.size - np.count_nonzero(np.isfinite(page)))
+    if count == page.size:
+        where = f"slice {index} has " if index is not None else ""
+        raise DataError(f"{path}: {where}no finite pixel (all NaN or infinite)")
+    return count
+
+
+def warn_non_finite(path, count: int) -> None:
+    """One warning line naming the file, when ``count`` of its pixels are NaN or infinite."""
     if count:
         warnings.warn(f"{path}: {count} NaN or infinite pixels: left out of the normalisation, predicted as "
-                      "background (probability NaN there)", stacklevel=2)
-    return count
+                      "background (probability NaN there)", stacklevel=3)
 
 
 
@@ -246,15 +254,9 @@ def iter_slices(path: str | os.PathLike) -> Iterator[np.ndarray]:
                 reason = error_reason(error)
                 raise DataError(f"{path}: slice {index} is not readable ({reason})") from None
             page = _to_grayscale(page, path) if has_channels and page.ndim == 3 else page
-            if page.dtype.kind == "f":
-                finite = np.count_nonzero(np.isfinite(page))
-                if not finite:
-                    raise DataError(f"{path}: slice {index} has no finite pixel (all NaN or infinite)")
-                non_finite += page.size - finite
+            non_finite += count_non_finite(page, path, index)
             yield page
-        if non_finite:
-            warnings.warn(f"{path}: {non_finite} NaN or infinite pixels: left out of the normalisation, predicted "
-                          "as background (probability NaN there)", stacklevel=2)
+        warn_non_finite(path, non_finite)
 
 
 def normalize(image: np.ndarray, normalization: dict | None = None, fill: bool = True) -> np.ndarray:

@@ -166,3 +166,13 @@ def test_what_cannot_be_a_mask_is_refused_naming_the_file(label, message, tmp_pa
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "train/labels/0.tif: " + message in error[0]
     assert not (tmp_path / "m.h5").exists()
+
+
+def test_a_stack_with_one_slice_of_nothing_is_refused_however_it_is_read(tmp_path):
+    stack = np.ones((3, 20, 20), np.float32)
+    stack[1] = np.nan
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(data.DataError, match="stack.tif: slice 1 has no finite pixel"):
+        data.read_slices(tmp_path / "stack.tif")
+    with pytest.raises(data.DataError, match="stack.tif: slice 1 has no finite pixel"):
+        list(data.iter_slices(tmp_path / "stack.tif"))
