@@ -99,14 +99,6 @@ class Segmenter:
         predict_fn = make_predict_fn(with_precision(model, config, precision))
         self.predict_fn = with_tta(predict_fn) if tta else predict_fn
 
-    @classmethod
-    def from_file(cls, model_path, **options) -> "Segmenter":
-        """The segmenter of a saved model (.h5 with its settings JSON); ``options`` as for the constructor."""
-        from mito.model_files import load_model
-
-        model, settings = load_model(model_path)
-        return cls(model, settings, **options)
-
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """A raw (y, x) slice of any dtype -> (y, x) float32 in [0, 1], as the model was trained;
         NaN where the slice has no finite value (``probability`` is NaN there, ``mask`` background)."""
