@@ -160,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.demo and isinstance(args.dataset, list):
+        parser.error("--demo trains on the one demo dataset; give several --dataset roots without --demo")
+    if args.init_from and args.resume:
+        parser.error("--resume continues a run as it was started, its --init-from parent included; leave out "
+                     "--init-from")
     if "geometry" in args.explicit and args.augmentation == "none":
         parser.error("--geometry has no effect with --augmentation none; leave one out")
     if args.demo and args.model == PRESETS["demo"]["model"]:

@@ -55,6 +55,8 @@ def test_engine_and_strength_are_one_pair_of_options():
     (["--no-augment"], "--no-augment is now --augmentation none"),
     (["--tile-size", "64"], "in training --tile-size is now --train-tile-size"),
     (["--augmentation", "none", "--geometry", "dihedral"], "--geometry has no effect with --augmentation none"),
+    (["--demo", "--dataset", "a", "b"], "--demo trains on the one demo dataset"),
+    (["--model", "m.h5", "--resume", "--init-from", "parent.h5"], "--resume continues a run as it was started"),
 ])
 def test_options_that_cannot_take_effect_are_one_line_errors(options, message):
     result = subprocess.run([sys.executable, str(REPO / "training_mito.py"), *options], cwd=REPO,
