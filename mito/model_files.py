@@ -56,16 +56,35 @@ def _infer_config(model: tf.keras.Model) -> UNetConfig:
     return UNetConfig(depth=depth, base_filters=model.get_layer("enc0_conv1").filters, head_filters=head, batch_norm=batch_norm)
 
 
+# The trained models that come with the project (each with its JSON and MODEL_CARD.md).
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def shipped_models() -> list[str]:
+    return sorted(path.stem for path in PRETRAINED.glob("*.h5"))
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """A model file, or else the name of a shipped model (``mito_em_cpu``, with or without ``.h5``), so that
+    a shipped model is found from any working directory."""
+    path = Path(name)
+    if not path.is_file() and path.parent == Path(".") and path.stem in shipped_models():
+        return PRETRAINED / f"{path.stem}.h5"
+    return path
+
+
 def load_model(path: str | os.PathLike) -> tuple[tf.keras.Model, Settings]:
     """Load a saved model for inference (uncompiled, Keras safe mode) and its settings.
 
-    Returns ``(model, settings)``. A missing JSON falls back to defaults with
-    a warning. Raises ModelError naming the file when the model is missing or
-    unusable, or its JSON is invalid or describes another architecture.
+    ``path`` may also name a shipped model (see resolve_model_path). Returns ``(model, settings)``.
+    A missing JSON falls back to defaults with a warning. Raises ModelError naming the file when the
+    model is missing or unusable, or its JSON is invalid or describes another architecture.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: model file not found (train one with training_mito.py)")
+        shipped = ", ".join(shipped_models())
+        raise ModelError(f"{path}: model file not found (train one with training_mito.py, or name a shipped "
+                         f"model: {shipped})")
     settings = read_settings(path)
     try:
         model = tf.keras.models.load_model(path, compile=False, safe_mode=True)
