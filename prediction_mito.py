@@ -32,12 +32,6 @@ DEFAULT_MODEL = "models/unet_mito.h5"
 DEMO = {"input": "dataset/demo/unlabeled", "model": "models/demo_unet.h5", "output": "predictions/demo"}
 
 
-
-
-
-
-
-
 def build_parser() -> Parser:
     """The command line of prediction_mito.py."""
     parser = Parser(prog=PROG, description=__doc__)
@@ -82,12 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_cli(PROG, lambda: predict(args), debug=args.debug)
-
-
-
-
-
-
 
 
 def predict(args: argparse.Namespace) -> int:
