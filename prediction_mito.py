@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,7 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
     if args.demo:
         fill_unset(args, DEMO)
     if args.input is None:
@@ -90,10 +92,15 @@ def predict(args: argparse.Namespace) -> int:
     source, output = Path(args.input), Path(args.output)
     base, images = input_images(source, args.recursive)
     found = len(images)
-    images = shard_files(images, args.shard)
+    every_image, images = images, shard_files(images, args.shard)
     if output.resolve() == base.resolve():
         raise data.DataError(f"{output}: refusing to write masks into the input folder; choose another --output")
     model, settings = load_model(args.model)
+    adaptation = None
+    if args.adapt_batchnorm:  # on slices of the whole input, so that every shard adapts alike
+        from mito.adaptation import adapt_to_input
+
+        adaptation = adapt_to_input(model, settings, every_image)
     segmenter = Segmenter(model, settings, **inference_options(args, settings))
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -113,6 +120,7 @@ def predict(args: argparse.Namespace) -> int:
     skipped += kept
     if args.instances:
         write_tables(args, output, measurements, summaries)
+    write_run_record(output, args, segmenter, adaptation)
     print(f"Wrote outputs for {done} files to {output}"
           + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
     if len(failed) == 1 and len(images) == 1:  # one file asked for: its reason is the one line
@@ -190,6 +198,22 @@ def run_pipeline(args, segmenter, plans, progress, failed: list, report_each: bo
         if pending is not None:
             pending.result()
     return done, kept, measurements, summaries
+
+
+def write_run_record(output: Path, args, segmenter, adaptation: dict | None) -> None:
+    """prediction.json (a shard's: prediction.shard-I-of-N.json): how the outputs in ``output`` were made."""
+    from mito.files import write_json
+    from mito.model_files import resolve_model_path
+
+    suffix = f".shard-{args.shard[0]}-of-{args.shard[1]}.json" if args.shard else ".json"
+    write_json(output / ("prediction" + suffix), {
+        "command": args.command,
+        "model": str(resolve_model_path(args.model).resolve()),
+        "input": str(Path(args.input).resolve()),
+        "threshold": segmenter.threshold, "postprocess": segmenter.postprocess, "scale": segmenter.scale,
+        "tile_size": segmenter.tile_size, "overlap": segmenter.overlap, "batch_size": segmenter.batch_size,
+        "precision": segmenter.precision, "tta": segmenter.tta, "adaptation": adaptation,
+    })
 
 
 def write_tables(args, output: Path, measurements: list, summaries: list) -> None:

@@ -61,8 +61,14 @@ def evaluate(args: argparse.Namespace) -> int:
     from mito.segmenter import Segmenter
 
     model, settings = load_model(args.model)
+    adaptation = None
+    if args.adapt_batchnorm:
+        import data
+        from mito.adaptation import adapt_to_input
+
+        adaptation = adapt_to_input(model, settings, [pair.image for pair in data.find_pairs(args.dataset, args.split)])
     segmenter = Segmenter(model, settings, **inference_options(args, settings))
-    score_split(segmenter, args.dataset, args.split, args.output, args.model, args.overlays)
+    score_split(segmenter, args.dataset, args.split, args.output, args.model, args.overlays, adaptation)
     return 0
 
 

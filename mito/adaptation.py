@@ -52,3 +52,31 @@ def adaptation_tiles(settings, raw_slices, alignment: int) -> np.ndarray:
     if len(tiles) > MAX_TILES:
         tiles = tiles[np.linspace(0, len(tiles) - 1, MAX_TILES).round().astype(int)]
     return tiles
+
+
+ADAPTATION_SLICES = 16  # spread over the whole input: every shard of a cluster run adapts alike
+
+
+def sample_slices(files: list, count: int = ADAPTATION_SLICES) -> list[np.ndarray]:
+    """Up to ``count`` raw slices spread evenly over ``files`` (images and the pages of TIFF stacks), read
+    one at a time so that a long stack is never held whole."""
+    from data import count_slices, iter_slices
+
+    sizes = [count_slices(path) for path in files]
+    total = sum(sizes)
+    wanted = set(np.linspace(0, total - 1, min(count, total)).round().astype(int).tolist())
+    slices, first = [], 0
+    for path, size in zip(files, sizes):
+        if wanted & set(range(first, first + size)):
+            slices += [page for index, page in enumerate(iter_slices(path), first) if index in wanted]
+        first += size
+    return slices
+
+
+def adapt_to_input(model: tf.keras.Model, settings, files: list) -> dict:
+    """adapt_batchnorm on slices sampled from ``files``; what was done, for the outputs' records."""
+    slices = sample_slices(files)
+    tiles = adapt_batchnorm(model, settings, slices)
+    print(f"Adapted the batch-norm statistics to {len(slices)} input slices ({tiles} tiles)")
+    return {"method": "batch-norm statistics re-estimated on the input (AdaBN)", "slices": len(slices),
+            "tiles": tiles}

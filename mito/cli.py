@@ -92,6 +92,10 @@ def add_inference_options(group) -> None:
     group.add_argument("--no-postprocess", action="store_true", help="keep the thresholded mask as it is")
     group.add_argument("--tta", action="store_true",
                        help="test-time augmentation: average the 8 flips/rotations (8 times slower)")
+    group.add_argument("--adapt-batchnorm", action="store_true",
+                       help="adapt the model to these slices without labels before predicting: its batch-norm "
+                            "statistics are re-estimated on up to 16 slices spread over the input (AdaBN), for EM "
+                            "unlike the model's training data; recorded in the outputs (needs a batch-norm model)")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
     group.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="arithmetic of the forward pass: bfloat16 is fast on CPUs with AVX512-BF16/AMX and GPUs, "

@@ -18,10 +18,12 @@ from mito.overlay import overlay
 ERROR_BAND = 2  # pixels: wrong pixels this close to a true edge count as boundary errors
 
 
-def score_split(segmenter, dataset, split: str, output, model_path, overlays: bool = False) -> dict:
+def score_split(segmenter, dataset, split: str, output, model_path, overlays: bool = False,
+                adaptation: dict | None = None) -> dict:
     """Score ``segmenter`` on ``<dataset>/<split>``; print the table, write scores.csv and summary.json to ``output``.
 
-    ``segmenter``: a ``mito.segmenter.Segmenter``. Returns the summary. Raises DataError for a bad split
+    ``segmenter``: a ``mito.segmenter.Segmenter``; ``adaptation``: how its model was adapted to these
+    slices (mito.adaptation), recorded in the summary. Returns the summary. Raises DataError for a bad split
     or an output folder that cannot be made, before anything is written.
     """
     from tqdm import tqdm
@@ -58,6 +60,7 @@ def score_split(segmenter, dataset, split: str, output, model_path, overlays: bo
         "postprocess": segmenter.postprocess,
         "tta": segmenter.tta,
         "precision": segmenter.precision,
+        "adaptation": adaptation,
         "tile_size": segmenter.tile_size,
         "overlap": segmenter.overlap,
         "mean": {name: round(value, 6) for name, value in mean.items()},

@@ -74,3 +74,57 @@ def test_normalisation_is_the_models():
     tiles = adaptation_tiles(settings, [raw], settings.unet.alignment)
     expected = data.rescale_image(data.normalize(raw, settings.normalization), 0.5)
     np.testing.assert_allclose(tiles[0, :, :, 0], expected[: tiles.shape[1], : tiles.shape[2]], atol=1e-6)
+
+
+# --- --adapt-batchnorm in test_mito.py and prediction_mito.py ------------------------------------
+
+def test_scoring_with_adaptation_differs_and_is_recorded(learned_model, demo_dataset, tmp_path):
+    import json
+
+    import test_mito
+
+    summaries = {}
+    for name, options in (("plain", []), ("adapted", ["--adapt-batchnorm", "--no-postprocess"]),
+                          ("plain_raw", ["--no-postprocess"])):
+        output = tmp_path / name
+        assert test_mito.main(["--model", str(learned_model), "--dataset", str(demo_dataset), "--output",
+                               str(output), *options]) == 0
+        summaries[name] = json.loads((output / "summary.json").read_text())
+    assert summaries["plain"]["adaptation"] is None
+    record = summaries["adapted"]["adaptation"]
+    assert record["slices"] == 2 and record["tiles"] > 0 and "AdaBN" in record["method"]
+    assert summaries["adapted"]["mean"] != summaries["plain_raw"]["mean"]
+
+
+def test_prediction_adapts_every_shard_alike_and_records_it(learned_model, demo_dataset, tmp_path):
+    import json
+
+    import prediction_mito
+
+    images = demo_dataset / "unlabeled"
+    records, masks = [], {}
+    for shard in ("1/2", "2/2"):
+        output = tmp_path / "adapted"
+        assert prediction_mito.main(["--input", str(images), "--model", str(learned_model), "--output",
+                                     str(output), "--adapt-batchnorm", "--shard", shard, "--save-prob"]) == 0
+        records.append(json.loads((output / f"prediction.shard-{shard.replace('/', '-of-')}.json").read_text()))
+    assert records[0]["adaptation"] == records[1]["adaptation"]
+    assert records[0]["adaptation"]["slices"] == len(list(images.glob("*.png")))
+    plain = tmp_path / "plain"
+    assert prediction_mito.main(["--input", str(images), "--model", str(learned_model), "--output", str(plain),
+                                 "--save-prob"]) == 0
+    assert json.loads((plain / "prediction.json").read_text())["adaptation"] is None
+    for path in sorted(plain.glob("*_prob.tif")):
+        assert not np.array_equal(data.read_image(path), data.read_image(tmp_path / "adapted" / path.name))
+
+
+def test_slices_are_sampled_from_images_and_stack_pages(tmp_path):
+    import tifffile
+
+    from mito.adaptation import sample_slices
+
+    stack = np.stack([np.full((8, 8), value, np.uint8) for value in range(10)])
+    tifffile.imwrite(tmp_path / "a_stack.tif", stack)
+    data.write_image(tmp_path / "b.png", np.full((8, 8), 99, np.uint8))
+    slices = sample_slices([tmp_path / "a_stack.tif", tmp_path / "b.png"], count=4)
+    assert [int(page[0, 0]) for page in slices] == [0, 3, 7, 99]  # 11 slices: 0, 3.3, 6.7, 10
