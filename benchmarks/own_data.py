@@ -4,7 +4,7 @@
 A model trained on one dataset (the parent, e.g. the SBEM sample) meets a new one
 (another lab's EM). On the new dataset's test split this scores:
 
-- zero-shot: the parent as it is;
+- zero-shot: the parent as it is, and adapted without labels (--adapt-batchnorm);
 - from scratch on 1, 2 and 4 labelled training slices (+ 1 validation slice), and on
   all of them: the cpu preset's architecture and learning rate, for as many steps as
   the fine-tuning (all slices: the whole cpu preset);
@@ -101,12 +101,12 @@ def train(model: Path, arguments: list[str]) -> float | None:
     return run_script(["training_mito.py", "--model", str(model), *arguments], model.with_suffix(".log"))
 
 
-def score(model: Path, dataset: Path, name: str, work: Path) -> dict:
+def score(model: Path, dataset: Path, name: str, work: Path, options: list[str]) -> dict:
     """The mean test scores of ``model`` on ``dataset``, from test_mito.py's summary.json."""
     output = work / "scores" / name
     if not (output / "summary.json").exists():
-        run_script(["test_mito.py", "--model", str(model), "--dataset", str(dataset), "--output", str(output)],
-                   work / "scores" / f"{name}.log")
+        run_script(["test_mito.py", "--model", str(model), "--dataset", str(dataset), "--output", str(output),
+                    *options], work / "scores" / f"{name}.log")
     return json.loads((output / "summary.json").read_text())["mean"]
 
 
@@ -116,8 +116,14 @@ def training_seconds(model: Path) -> float:
     return settings["training"]["seconds"]
 
 
-def row(table: list, name: str, slices, model: Path, dataset: Path, work: Path, trained: bool = True) -> None:
-    scores = score(model, dataset, model.stem + "_on_" + dataset.name, work)
+def row(table: list, name: str, slices, model: Path, dataset: Path, work: Path, trained: bool = True,
+        adapted: bool = False) -> None:
+    """One line of the table: ``model`` scored on ``dataset``'s test split (``adapted``: with
+    --adapt-batchnorm, the statistics re-estimated on those test slices, without their labels)."""
+    name += ", --adapt-batchnorm" if adapted else ""
+    options = ["--adapt-batchnorm"] if adapted else []
+    scores = score(model, dataset, model.stem + "_on_" + dataset.name + ("_adapted" if adapted else ""), work,
+                   options)
     seconds = f"{training_seconds(model):.0f}" if trained else "-"
     table.append([name, str(slices), seconds] + [f"{scores[column]:.4f}" for column in COLUMNS])
     print(" | ".join(table[-1]), flush=True)
@@ -135,6 +141,7 @@ def run(args) -> int:
     table = []
     print("row | training slices | training s | IoU | Dice | precision | recall", flush=True)
     row(table, "zero-shot: the parent", 0, parent, new_data, work, trained=False)
+    row(table, "zero-shot: the parent", 0, parent, new_data, work, trained=False, adapted=True)
     for count in args.slices:
         data = subset(new_data, count, work / "data" / f"new_{count}")
         for kind, options in (("scratch", same_budget), ("finetune", ["--init-from", str(parent)])):
@@ -160,6 +167,7 @@ def reverse(table: list, new_model: Path, parent_data: Path, same_budget: list, 
     """The new dataset's model back on 2 slices of the parent's dataset."""
     data = subset(parent_data, 2, work / "data" / "parent_2")
     row(table, "reverse, zero-shot", 0, new_model, parent_data, work, trained=False)
+    row(table, "reverse, zero-shot", 0, new_model, parent_data, work, trained=False, adapted=True)
     for kind, options in (("scratch", same_budget), ("finetune", ["--init-from", str(new_model)])):
         model = work / f"reverse_{kind}_2.h5"
         train(model, ["--dataset", str(data), *options])
