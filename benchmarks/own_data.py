@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -51,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--slices", type=int, nargs="+", default=list(FEW_SLICES),
                         help="labelled training slices of the new dataset, for the few-slice rows "
                              "(default: %(default)s)")
+    parser.add_argument("--training-options", default="",
+                        help="options added to every training command, e.g. \"--epochs 1 --steps-per-epoch 5\" "
+                             "for a quick check of the benchmark itself")
     parser.add_argument("--skip", nargs="+", default=[], choices=["all-slices", "reverse"],
                         help="leave out the rows on all slices, or the reverse direction")
     return parser.parse_args(argv)
@@ -94,11 +98,12 @@ def run_script(arguments: list[str], log: Path) -> float:
     return time.time() - started
 
 
-def train(model: Path, arguments: list[str]) -> float | None:
+def train(model: Path, arguments: list[str], extra: str = "") -> float | None:
     """Train ``model`` unless it exists; the wall time, or None for a model trained before."""
     if model.exists():
         return None
-    return run_script(["training_mito.py", "--model", str(model), *arguments], model.with_suffix(".log"))
+    return run_script(["training_mito.py", "--model", str(model), *arguments, *shlex.split(extra)],
+                      model.with_suffix(".log"))
 
 
 def score(model: Path, dataset: Path, name: str, work: Path, options: list[str]) -> dict:
@@ -134,7 +139,7 @@ def run(args) -> int:
     (work / "scores").mkdir(parents=True, exist_ok=True)
     parent_data, new_data = Path(args.parent_dataset), Path(args.new_dataset)
     parent = Path(args.parent) if args.parent else work / "parent_cpu.h5"
-    train(parent, ["--dataset", str(parent_data), "--preset", "cpu"])
+    train(parent, ["--dataset", str(parent_data), "--preset", "cpu"], args.training_options)
     finetune = PRESETS["finetune"]
     same_budget = ["--preset", "cpu", "--epochs", str(finetune["epochs"]),
                    "--steps-per-epoch", str(finetune["steps_per_epoch"])]
@@ -146,31 +151,31 @@ def run(args) -> int:
         data = subset(new_data, count, work / "data" / f"new_{count}")
         for kind, options in (("scratch", same_budget), ("finetune", ["--init-from", str(parent)])):
             model = work / f"{kind}_{count}.h5"
-            train(model, ["--dataset", str(data), *options])
+            train(model, ["--dataset", str(data), *options], args.training_options)
             row(table, f"{'from scratch' if kind == 'scratch' else 'fine-tuned'}, same steps", count, model,
                 new_data, work)
     if "all-slices" not in args.skip:
         count = len(slice_names(new_data, "train"))
         new_cpu = work / "new_cpu.h5"
-        train(new_cpu, ["--dataset", str(new_data), "--preset", "cpu"])
+        train(new_cpu, ["--dataset", str(new_data), "--preset", "cpu"], args.training_options)
         row(table, "from scratch, whole cpu preset", count, new_cpu, new_data, work)
         model = work / f"finetune_{count}.h5"
-        train(model, ["--dataset", str(new_data), "--init-from", str(parent)])
+        train(model, ["--dataset", str(new_data), "--init-from", str(parent)], args.training_options)
         row(table, "fine-tuned", count, model, new_data, work)
         if "reverse" not in args.skip:
-            reverse(table, new_cpu, parent_data, same_budget, work)
+            reverse(table, new_cpu, parent_data, same_budget, work, args.training_options)
     print_table(table)
     return 0
 
 
-def reverse(table: list, new_model: Path, parent_data: Path, same_budget: list, work: Path) -> None:
+def reverse(table: list, new_model: Path, parent_data: Path, same_budget: list, work: Path, extra: str) -> None:
     """The new dataset's model back on 2 slices of the parent's dataset."""
     data = subset(parent_data, 2, work / "data" / "parent_2")
     row(table, "reverse, zero-shot", 0, new_model, parent_data, work, trained=False)
     row(table, "reverse, zero-shot", 0, new_model, parent_data, work, trained=False, adapted=True)
     for kind, options in (("scratch", same_budget), ("finetune", ["--init-from", str(new_model)])):
         model = work / f"reverse_{kind}_2.h5"
-        train(model, ["--dataset", str(data), *options])
+        train(model, ["--dataset", str(data), *options], extra)
         row(table, f"reverse, {'from scratch' if kind == 'scratch' else 'fine-tuned'}", 2, model, parent_data,
             work)
 

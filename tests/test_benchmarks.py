@@ -48,3 +48,23 @@ def test_figure_script_draws_the_four_panels(tiny_model, small_dataset, tmp_path
     assert make_figure.main(["--dataset", str(small_dataset), "--model", str(tiny_model), "--output", str(output)]) == 0
     picture = np.asarray(Image.open(output))
     assert picture.ndim == 3 and picture.shape[1] > 3 * picture.shape[0]  # four panels side by side
+
+
+def test_own_data_benchmark_trains_and_scores_every_row(learned_model, demo_dataset, small_dataset, tmp_path,
+                                                         capsys):
+    own_data = load_script("benchmarks/own_data.py")
+    quick = "--epochs 1 --steps-per-epoch 2 --batch-size 2 --train-tile-size 64 --workers 1 --no-xla"
+    argv = ["--parent", str(learned_model), "--parent-dataset", str(demo_dataset), "--new-dataset",
+            str(small_dataset), "--work", str(tmp_path), "--slices", "1", "--skip", "all-slices",
+            "--training-options", quick]
+    assert own_data.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "IoU" not in line]
+    names = [line.split(" | ")[0] for line in rows]
+    assert names == ["| zero-shot: the parent", "| zero-shot: the parent, --adapt-batchnorm",
+                     "| from scratch, same steps", "| fine-tuned, same steps"]
+    one_slice = tmp_path / "data" / "new_1"
+    assert [path.name for path in (one_slice / "train" / "images").iterdir()] == ["0001.png"]  # the second of 2
+    assert (one_slice / "test").resolve() == (small_dataset / "test").resolve()
+    finetuned = json.loads((tmp_path / "finetune_1.json").read_text())
+    assert finetuned["training"]["parent"]["model"] == learned_model.name
+    assert len(list((small_dataset / "train" / "images").iterdir())) == 2  # the originals untouched
