@@ -111,7 +111,7 @@ def score(model: Path, dataset: Path, name: str, work: Path, options: list[str])
     output = work / "scores" / name
     if not (output / "summary.json").exists():
         run_script(["test_mito.py", "--model", str(model), "--dataset", str(dataset), "--output", str(output),
-                    *options], work / "scores" / f"{name}.log")
+                    "--precision", "float32", *options], work / "scores" / f"{name}.log")
     return json.loads((output / "summary.json").read_text())["mean"]
 
 
