@@ -97,9 +97,10 @@ def add_inference_options(group) -> None:
                             "statistics are re-estimated on up to 16 slices spread over the input (AdaBN), for EM "
                             "unlike the model's training data; recorded in the outputs (needs a batch-norm model)")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
-    group.add_argument("--precision", choices=("float32", "bfloat16", "float16"), default="float32",
-                       help="arithmetic of the forward pass: bfloat16 is fast on CPUs with AVX512-BF16/AMX and GPUs, "
-                            "float16 on GPUs (default: float32)")
+    group.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="arithmetic of the forward pass (default: auto, which is bfloat16 on a CPU with bfloat16 "
+                            "in hardware, AVX512-BF16 or AMX, and float32 elsewhere, GPUs included; the choice is "
+                            "printed and recorded with the outputs)")
 
 
 def fill_unset(args, values: dict) -> None:

@@ -65,3 +65,12 @@ def learned_model(tmp_path_factory, demo_dataset):
     path = tmp_path_factory.mktemp("learned") / "learned.h5"
     assert training_mito.main(["--dataset", str(demo_dataset), "--model", str(path), *LEARNING_RECIPE]) == 0
     return path
+
+
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch):
+    """--precision auto reads the CPU; the tests pin it to float32 so that every machine, with or without
+    bfloat16 hardware, checks the same arithmetic (tests/test_inference_options.py checks auto itself)."""
+    import mito.segmenter
+
+    monkeypatch.setattr(mito.segmenter, "cpu_supports_bfloat16", lambda: False)

@@ -102,7 +102,7 @@ def test_prediction_adapts_every_shard_alike_and_records_it(learned_model, demo_
     import prediction_mito
 
     images = demo_dataset / "unlabeled"
-    records, masks = [], {}
+    records = []
     for shard in ("1/2", "2/2"):
         output = tmp_path / "adapted"
         assert prediction_mito.main(["--input", str(images), "--model", str(learned_model), "--output",

@@ -98,6 +98,22 @@ def test_prediction_options_change_the_masks_as_the_segmenter_says(case, loaded,
     np.testing.assert_allclose(tifffile.imread(output / "slice_prob.tif"), probabilities[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("hardware, chosen", [(True, "bfloat16"), (False, "float32")])
+def test_precision_auto_is_bfloat16_only_where_the_cpu_has_it(hardware, chosen, loaded, learned_model, demo_dataset,
+                                                              tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mito.segmenter, "cpu_supports_bfloat16", lambda: hardware)
+    source = tmp_path / "slices"
+    source.mkdir()
+    shutil.copy(data.find_pairs(demo_dataset, "test")[0].image, source / "slice.png")
+    probabilities, _ = expected_masks(loaded, [data.read_image(source / "slice.png")], THRESHOLD, precision=chosen)
+    output = tmp_path / "masks"
+    assert prediction_mito.main(["--input", str(source), "--model", str(learned_model), "--output", str(output),
+                                 "--save-prob", "--threshold", str(THRESHOLD)]) == 0  # the default: auto
+    np.testing.assert_allclose(tifffile.imread(output / "slice_prob.tif"), probabilities[0], atol=1e-6)
+    assert json.loads((output / "prediction.json").read_text())["precision"] == chosen
+    assert f", {chosen} (--precision auto)" in capsys.readouterr().out
+
+
 def test_tta_averages_the_eight_flips_and_turns(loaded, test_slices):
     model, settings = loaded
     raw = test_slices[0][0][:64, :64]

@@ -47,7 +47,7 @@ def test_the_cards_figures_come_back_in_a_fresh_run(model, dataset, split, iou, 
     root = SHARED_DATASETS / dataset
     if not (root / split).is_dir():
         pytest.skip(f"{dataset} not found at {root} (it lives in ../shared beside the checkout)")
-    assert test_mito.main(["--model", model, "--dataset", str(root), "--split", split,
+    assert test_mito.main(["--model", model, "--dataset", str(root), "--split", split, "--precision", "float32",
                            "--output", str(tmp_path)]) == 0
     mean = json.loads((tmp_path / "summary.json").read_text())["mean"]
     measured = [mean[name] for name in ("iou", "dice", "precision", "recall")]
