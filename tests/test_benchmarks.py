@@ -68,3 +68,14 @@ def test_own_data_benchmark_trains_and_scores_every_row(learned_model, demo_data
     finetuned = json.loads((tmp_path / "finetune_1.json").read_text())
     assert finetuned["training"]["parent"]["model"] == learned_model.name
     assert len(list((small_dataset / "train" / "images").iterdir())) == 2  # the originals untouched
+
+
+def test_precision_agreement_compares_bfloat16_with_float32(learned_model, demo_dataset, capsys):
+    agreement = load_script("benchmarks/precision_agreement.py")
+    assert agreement.main(["--dataset", str(demo_dataset), "--model", str(learned_model)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mean = next(line for line in lines if line.startswith("mean")).split()
+    iou, iou_low, difference, differ = (float(value) for value in mean[1:5])
+    assert 0.5 < iou <= 1 and abs(iou_low - iou) < 0.02 and abs(difference - (iou_low - iou)) <= 1.5e-4
+    assert 0 <= differ < 0.01
+    assert len([line for line in lines if line.endswith(".png") or ".png " in line]) == 2  # the 2 test slices
