@@ -61,6 +61,9 @@ def parse_args(argv=None):
                              "(AVX512-BF16/AMX) or on a GPU, plus float16 on a GPU)")
     parser.add_argument("--size", type=positive_int, default=1024, help="side of the synthetic slices")
     parser.add_argument("--slices", type=positive_int, default=2, help="slices in the folder (2 or more)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed passes over the slices, after an untimed warm-up pass; each figure is their "
+                             "median (default: %(default)s)")
     parser.add_argument("--tile-size", type=positive_int, help="tile side (default: the model's default)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="tiles per batch")
     parser.add_argument("--naive-tile", type=positive_int, default=256, help="tile side of the naive loop")
@@ -166,6 +169,19 @@ def timed(function, *arguments):
     return time.perf_counter() - started, result
 
 
+def steady_seconds(function, repeats: int) -> tuple[float, object]:
+    """(median seconds of ``repeats`` calls of ``function()``, its result), after one untimed call: the first
+    call of a shape builds its kernels, a cost that no steady-state figure may carry."""
+    import statistics
+
+    result = function()
+    seconds = []
+    for _ in range(repeats):
+        elapsed, result = timed(function)
+        seconds.append(elapsed)
+    return statistics.median(seconds), result
+
+
 def naive_loop_seconds(model, image, tile: int, stride: int, timed_tiles: int) -> tuple[float, int]:
     """Seconds per slice of one ``model.predict`` call per tile, sliding ``tile`` by ``stride``.
 
@@ -257,17 +273,13 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
                                precision=precision)
     images = list(slices)
     megapixels = sum(image.size for image in images) / 1e6
-    segmenter.probability(images[0])  # warm up: the first call of a shape also builds its kernels
-    tiled_seconds, tiled = 0.0, []
-    for image in images:
-        seconds, probability = timed(segmenter.probability, image)
-        tiled_seconds += seconds
-        tiled.append(probability)
+    tiled_seconds, tiled = steady_seconds(lambda: [segmenter.probability(image) for image in images], args.repeats)
     layout = mito.tiling.tile_layout(images[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     computed = len(layout.tiles) * layout.tile_shape[0] * layout.tile_shape[1] / images[0].size
 
-    whole_seconds, whole = timed(mito.tiling.predict_whole, segmenter.predict_fn, segmenter.normalize(images[0]),
-                                 segmenter.align)
+    normalized = segmenter.normalize(images[0])
+    whole_seconds, whole = steady_seconds(
+        lambda: mito.tiling.predict_whole(segmenter.predict_fn, normalized, segmenter.align), args.repeats)
     whole_rate = images[0].size / 1e6 / whole_seconds
 
     precise_model = mito.segmenter.with_precision(model, config, precision)
@@ -288,6 +300,7 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
         "precision": precision,
         "bf16_in_hardware": mito.segmenter.cpu_supports_bfloat16(),
         "slices": len(images),
+        "timed_repetitions": args.repeats,  # after a warm-up; each time is their median
         "slice_shape": list(images[0].shape),
         "tile_size": segmenter.tile_size,
         "overlap": segmenter.overlap,
@@ -340,8 +353,7 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     model, settings = mito.model_files.load_model(model_path)
     segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
     small = [data.read_image(path) for path in data.list_images(reference)]
-    segmenter.probability(small[0])  # warm up: the first call of a shape also builds its kernels
-    small_seconds = sum(timed(segmenter.probability, image)[0] for image in small)
+    small_seconds, _ = steady_seconds(lambda: [segmenter.probability(each) for each in small], args.repeats)
     small_rate = small_seconds / (sum(image.size for image in small) / 1e6)
     image = data.read_image(large / "0000.png")
     layout = mito.tiling.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
@@ -362,6 +374,9 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
                   "peak_rss_mb": round(peak), "seconds": round(seconds, 2), "outputs": "mask + probability"}
         if rate:
             record |= {"tiled_s_per_mpx": round(rate, 4), f"tiled_s_per_mpx_{args.size}": round(small_rate, 4),
+                       # the small slices: the median of --repeats passes after a warm-up pass; the large one:
+                       # one pass after its tile shape was warmed up (a pass takes minutes)
+                       "timed_repetitions": {"large": 1, "small": args.repeats},
                        "time_per_mpx_vs_small": round(rate / small_rate, 3),
                        "computed_px_per_image_px": round(computed[1], 3),
                        f"computed_px_per_image_px_{args.size}": round(computed[0], 3)}
@@ -371,7 +386,6 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
 
 def run(args) -> int:
     import tensorflow as tf
-
 
     device = device_name()
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
