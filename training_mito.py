@@ -50,7 +50,7 @@ def build_parser() -> Parser:
                         help="defaults for every option below: 'gpu' is the faithful 64-filter U-Net for a GPU "
                              "workstation (the default), 'cpu' a small U-Net that trains in under 30 minutes on "
                              "2 CPU cores, 'finetune' adapts an --init-from model to a few labelled slices in "
-                             "5 to 6 minutes on 2 CPU cores (the default with --init-from); explicit options "
+                             "about 5 minutes on 2 CPU cores (the default with --init-from); explicit options "
                              "override the preset")
     recipe.add_argument("--demo", action="store_true",
                         help="use the synthetic demo (made in dataset/demo if absent) and a CPU-sized model, "

@@ -58,7 +58,7 @@ CPU = dict(
 OVERRIDES = {
     "gpu": {},
     "cpu": CPU,
-    # Fine-tuning a trained model on 1-4 labelled slices of the user's EM in 5 to 6 minutes on 2 CPU cores:
+    # Fine-tuning a trained model on 1-4 labelled slices of the user's EM in about 5 minutes on 2 CPU cores:
     # the cpu recipe (an --init-from parent brings its own architecture, normalisation and scale), a third of its
     # steps, and a third of its learning rate so that the first steps do not wash out what the parent knows.
     "finetune": dict(CPU, epochs=6, steps_per_epoch=200, learning_rate=1e-3),
