@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from mito.cleanup import postprocess
 from mito.errors import DataError
-from mito.volume import open_volume
+from mito.volume import open_output, open_volume
 
 SAMPLE_PIXELS = 4_000_000  # per slice, for the normalisation statistics
 INVALID = 2  # code of pixels without a finite value in the thresholded mask (0 background, 1 foreground)
@@ -143,13 +144,6 @@ def open_cached(path: str, array: str | None):
     return open_volume(path, array)
 
 
-@functools.lru_cache(maxsize=8)
-def open_output(path: str):
-    import zarr
-
-    return zarr.open_array(path, mode="r+")
-
-
 def marker(job: Job, stage: str, origin) -> Path:
     return Path(job.work) / "done" / stage / "-".join(map(str, origin))
 
@@ -228,3 +222,26 @@ def downsample_block(source: str, target: str, origin: tuple[int, int, int], blo
     depth, height, width = (c.stop - c.start for c in core)
     target_array[core] = below.reshape(depth, height, 2, width, 2).max(axis=(2, 4))
     return origin
+
+
+def gather_with_progress(futures: list, name: str, unit: str) -> list:
+    """Wait for Dask ``futures`` with a progress bar; their results in order. A task's error is raised here
+    (a DataError names the file); an interruption cancels what is left."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=len(futures), desc=name, unit=unit, file=sys.stderr) as progress:
+            for future in as_completed(futures):
+                future.result()
+                advance(progress)
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+
+
+def advance(progress) -> None:
+    """One more task finished (tests replace it to interrupt a run)."""
+    progress.update()

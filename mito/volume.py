@@ -9,6 +9,7 @@ and ome-zarr-py read; their ``multiscales`` metadata is written last, once every
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -110,7 +111,7 @@ def open_volume(path: str | Path, name: str | None = None) -> Volume:
         if name is None and multiscale:
             name = multiscale["datasets"][0]["path"]
         if name is None:
-            arrays = _arrays(node)
+            arrays = sorted(_arrays(node))
             if len(arrays) != 1:
                 raise DataError(f"{path}: a group of {len(arrays)} arrays ({', '.join(arrays[:8]) or 'none'}); "
                                 "choose one with --array")
@@ -190,7 +191,7 @@ def output_chunks(volume: Volume) -> tuple[int, int, int]:
                      for chunk, length in zip(volume.chunks[1:], volume.shape[1:])))
 
 
-def pyramid_shapes(shape: tuple[int, int, int], smallest: int = 512) -> list[tuple[int, int, int]]:
+def pyramid_shapes(shape: tuple[int, int, int], smallest: int = 128) -> list[tuple[int, int, int]]:
     """Level shapes of the mask pyramid: each halves y and x (rounding down) until both fit in ``smallest``."""
     shapes = [tuple(shape)]
     while max(shapes[-1][1:]) > smallest and min(shapes[-1][1:]) >= 2:
@@ -211,6 +212,14 @@ def create_array(store: Path, shape, chunks, dtype, overwrite: bool = False):
                              compressors=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE),
                              fill_value=0, overwrite=True,
                              chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+@functools.lru_cache(maxsize=16)
+def open_output(path: str):
+    """An output array opened for writing, once per process (each Dask worker writes many blocks)."""
+    import zarr
+
+    return zarr.open_array(path, mode="r+")
 
 
 def multiscales(name: str, levels: list[str], factors: list[int], scale, unit: str | None) -> list[dict]:

@@ -18,8 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from mito.blockwise import (Job, block_side, clean_block, done_blocks, downsample_block, network_halo,
-                            predict_block, slice_statistics)
+from mito.blockwise import (Job, block_side, clean_block, done_blocks, downsample_block, gather_with_progress,
+                            network_halo, predict_block, slice_statistics)
 from mito.errors import DataError, error_reason
 from mito.files import write_json
 from mito.volume import (create_array, describe, multiscales, open_volume, output_chunks, pyramid_shapes,
@@ -61,7 +61,7 @@ def predict_volume(args, segmenter, loader) -> int:
         if args.instances or args.labels_3d:
             from mito.volume_labels import label_volume
 
-            labels = label_volume(client, args, job, volume, paths)
+            labels = label_volume(client, gather_with_progress, args, job, volume, paths)
     write_metadata(args, job, volume, segmenter, paths, levels, labels)
     shutil.rmtree(paths["work"], ignore_errors=True)
     print(f"Wrote {paths['mask']}" + (f" and {paths['prob']}" if args.save_prob else ""))
@@ -155,7 +155,7 @@ def statistics(client, job: Job, path: Path) -> list[dict]:
         return json.loads(path.read_text())
     futures = client.map(slice_statistics, [job] * job.shape[0], range(job.shape[0]),
                          key=[f"statistics-{z}" for z in range(job.shape[0])])
-    stats = _gather(futures, "statistics", "slice")
+    stats = gather_with_progress(futures, "statistics", "slice")
     write_json(path, stats)
     return stats
 
@@ -166,30 +166,7 @@ def run_tasks(client, name: str, function, job: Job, origins: list, *more) -> No
         return
     keys = [f"{name}-{z}-{y}-{x}" for z, y, x in origins]
     futures = client.map(function, [job] * len(origins), origins, *more, key=keys)
-    _gather(futures, name, "block")
-
-
-def _gather(futures: list, name: str, unit: str) -> list:
-    """Wait for ``futures`` with a progress bar; their results in order. A task's error is raised here
-    (a DataError names the file); an interruption cancels what is left."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    try:
-        with tqdm(total=len(futures), desc=name, unit=unit, file=sys.stderr) as progress:
-            for future in as_completed(futures):
-                future.result()
-                advance(progress)
-        return [future.result() for future in futures]
-    except BaseException:
-        for future in futures:
-            future.cancel()
-        raise
-
-
-def advance(progress) -> None:
-    """One more task finished (tests replace it to interrupt a run)."""
-    progress.update()
+    gather_with_progress(futures, name, "block")
 
 
 def build_pyramid(client, job: Job, store: Path) -> int:
@@ -204,7 +181,7 @@ def build_pyramid(client, job: Job, store: Path) -> int:
         futures = client.map(downsample_block, [str(store / str(level - 1))] * len(origins),
                              [str(store / str(level))] * len(origins), origins, [block] * len(origins),
                              key=[f"pyramid{level}-{z}-{y}-{x}" for z, y, x in origins])
-        _gather(futures, f"pyramid level {level}", "block")
+        gather_with_progress(futures, f"pyramid level {level}", "block")
     return len(shapes)
 
 
