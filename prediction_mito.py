@@ -8,9 +8,10 @@ table, and overlay pictures. Images are predicted in overlapping tiles and
 stitched without seams. Existing outputs are kept (so a rerun finishes an
 interrupted folder) unless --overwrite.
 
-A zarr volume (an OME-Zarr image or a plain zarr array, 2D or z-y-x) is predicted in blocks on Dask,
-by local worker processes (--workers) or an existing cluster (--scheduler), into an OME-Zarr mask with a
-pyramid (<stem>.zarr); a rerun of the same command finishes an interrupted volume.
+A zarr volume (an OME-Zarr image or a plain zarr array, 2D or z-y-x) is
+predicted in blocks on Dask, by local worker processes (--workers) or an
+existing cluster (--scheduler), into an OME-Zarr mask with a pyramid
+(<stem>.zarr); a rerun of the same command finishes an interrupted volume.
 
 Examples:
   python prediction_mito.py --demo
@@ -70,17 +71,18 @@ def add_volume_options(group) -> None:
                        help="the array inside a zarr group that holds several (e.g. 'raw' or a level such as 's0'; "
                             "default: an OME-Zarr image's full resolution, or the group's only array)")
     group.add_argument("--workers", type=positive_int, default=1,
-                       help="local Dask worker processes; each gets cores/workers TensorFlow threads")
+                       help="local Dask worker processes; each gets cores/workers TensorFlow threads (default: 1)")
     group.add_argument("--scheduler", metavar="ADDRESS",
                        help="use the Dask cluster of this scheduler (e.g. tcp://node17:8786) instead of local workers")
     group.add_argument("--block-size", type=positive_int, default=2048,
                        help="side in y and x of the blocks given to workers, rounded to the output chunks and the "
-                            "network's pooling grid; memory per worker grows with its square")
+                            "network's pooling grid; memory per worker grows with its square (default: 2048)")
     group.add_argument("--prob-dtype", choices=("uint8", "float16"), default="uint8",
-                       help="type of the --save-prob volume: uint8 is 255 x probability (a quarter of float32)")
+                       help="type of the --save-prob volume: uint8 is 255 x probability (a quarter of float32; "
+                            "default: uint8)")
     group.add_argument("--labels-3d", action="store_true",
                        help="also label 3D connected components of the mask (labels/objects3d) and measure them "
-                            "in objects3d.csv")
+                            "in <stem>_objects3d.csv")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,14 +100,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.volume = is_zarr(args.input)
     if args.output is None:
         name = Path(args.input).resolve().name
-        args.output = str(Path("predictions") / (name.removesuffix(".zarr").removesuffix(".ome") if args.volume else name))
+        name = name.removesuffix(".zarr").removesuffix(".ome") if args.volume else name
+        args.output = str(Path("predictions") / name)
     if args.volume:
         unsupported = [f"--{name}" for name in ("shard", "recursive", "overlays") if getattr(args, name)]
         if unsupported:
             parser.error(f"{', '.join(unsupported)} work on files and folders; a zarr volume is split among Dask "
                          "workers instead (--workers, --scheduler)")
     else:
-        volume_only = [f"--{name.replace('_', '-')}" for name in VOLUME_ONLY if getattr(args, name) != parser.get_default(name)]
+        volume_only = [f"--{name.replace('_', '-')}" for name in VOLUME_ONLY
+                       if getattr(args, name) != parser.get_default(name)]
         if volume_only:
             parser.error(f"{', '.join(volume_only)} apply to a zarr volume input, and {args.input} is not one")
     return args

@@ -72,12 +72,13 @@ class Job:
         return size + hole + 1 if size > 1 or hole > 0 else 0
 
     def origins(self) -> list[tuple[int, int, int]]:
-        return [(z, y, x) for z in range(0, self.shape[0], self.block[0]) for y in range(0, self.shape[1], self.block[1])
-                for x in range(0, self.shape[2], self.block[2])]
+        (depth, height, width), (dz, dy, dx) = self.shape, self.block
+        return [(z, y, x) for z in range(0, depth, dz) for y in range(0, height, dy) for x in range(0, width, dx)]
 
     def windows(self, origin, halo: int):
         """(core in the volume, core plus ``halo`` in y-x clipped to the volume, core inside that window)."""
-        core = tuple(slice(start, min(start + side, length)) for start, side, length in zip(origin, self.block, self.shape))
+        core = tuple(slice(start, min(start + side, length))
+                     for start, side, length in zip(origin, self.block, self.shape))
         window = (core[0], *(slice(max(0, c.start - halo), min(length, c.stop + halo))
                              for c, length in zip(core[1:], self.shape[1:])))
         inner = (slice(None), *(slice(c.start - w.start, c.stop - w.start) for c, w in zip(core[1:], window[1:])))
@@ -103,15 +104,16 @@ def slice_statistics(job: Job, z: int) -> dict:
     _, height, width = volume.shape
     step = max(1, math.ceil(math.sqrt(height * width / SAMPLE_PIXELS)))
     band = max(volume.chunks[1], step)
-    parts = [volume.read(slice(z, z + 1), slice(y, min(y + band, height)), slice(0, width))[0][(-y) % step::step, ::step]
-             for y in range(0, height, band)]
+    parts = [volume.read(slice(z, z + 1), slice(y, min(y + band, height)), slice(0, width))[0]
+             [(-y) % step::step, ::step] for y in range(0, height, band)]
     sample = np.concatenate(parts).astype(np.float32)
     finite = np.isfinite(sample)
     if not finite.any():
         raise DataError(f"{job.input}: slice {z} has no finite pixel (all NaN or infinite)")
     stats = {"low": 0.0, "scale": 1.0, "fill": 0.0, "sampled_every": step}
     if job.normalization.get("mode") == "percentile":
-        low, high = np.percentile(sample[finite], [job.normalization.get("low", 1.0), job.normalization.get("high", 99.8)])
+        percentiles = [job.normalization.get("low", 1.0), job.normalization.get("high", 99.8)]
+        low, high = np.percentile(sample[finite], percentiles)
         stats["low"], stats["scale"] = float(low), float(high - low) if high > low else 1.0
     normalised = normalize_with(sample[finite], volume.dtype, job.normalization, stats)
     stats["fill"] = float(np.median(normalised))
@@ -217,8 +219,10 @@ def downsample_block(source: str, target: str, origin: tuple[int, int, int], blo
     """One block of a pyramid level: the maximum of each 2 x 2 pixels of the level below (thin mitochondria
     stay visible), z unchanged."""
     target_array = open_output(target)
-    core = tuple(slice(start, min(start + side, length)) for start, side, length in zip(origin, block, target_array.shape))
-    below = np.asarray(open_output(source)[core[0], 2 * core[1].start:2 * core[1].stop, 2 * core[2].start:2 * core[2].stop])
+    core = tuple(slice(start, min(start + side, length))
+                 for start, side, length in zip(origin, block, target_array.shape))
+    rows, columns = slice(2 * core[1].start, 2 * core[1].stop), slice(2 * core[2].start, 2 * core[2].stop)
+    below = np.asarray(open_output(source)[core[0], rows, columns])
     depth, height, width = (c.stop - c.start for c in core)
     target_array[core] = below.reshape(depth, height, 2, width, 2).max(axis=(2, 4))
     return origin

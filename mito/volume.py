@@ -119,7 +119,8 @@ def open_volume(path: str | Path, name: str | None = None) -> Volume:
         try:
             array = node[name]
         except KeyError:
-            raise DataError(f"{path}: no array {name!r} in the group (arrays: {', '.join(_arrays(node)[:8])})") from None
+            names = ", ".join(sorted(_arrays(node))[:8])
+            raise DataError(f"{path}: no array {name!r} in the group (arrays: {names})") from None
         if not isinstance(array, zarr.Array):
             return _nested(path, name, array)
     else:

@@ -36,10 +36,10 @@ def predict_volume(args, segmenter, loader) -> int:
     ``segmenter``: the client's own Segmenter (its settings give halos and threshold); ``loader``: the
     workers' (``mito.volume_model.loader``). Finished blocks of an earlier run of the same command are kept.
     """
+    output = Path(args.output)
+    _refuse_inside(output, Path(args.input))
     volume = open_volume(args.input, args.array)
     print(describe(volume))
-    output = Path(args.output)
-    _refuse_inside(output, volume.path)
     paths = output_paths(output, volume.stem)
     if args.overwrite:
         for path in paths.values():
