@@ -127,7 +127,7 @@ def dask_client(scheduler: str | None, workers: int):
         client = Client(cluster)
     try:
         workers_now = len(client.scheduler_info().get("workers", {}))
-        print(f"Dask: {'scheduler ' + scheduler if scheduler else 'local cluster'}, {workers_now} workers"
+        print(f"Dask: {'scheduler ' + scheduler if scheduler else 'local cluster'}, workers: {workers_now}"
               + (f"; dashboard {client.dashboard_link}" if _dashboard_running(client) else ""))
         yield client
     finally:
