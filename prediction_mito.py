@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Segment mitochondria in EM images (PNG, TIFF, JPEG; any size) or multi-page TIFF stacks.
+"""Segment mitochondria in EM images (PNG, TIFF, JPEG; any size), multi-page TIFF stacks or zarr volumes.
 
 Writes one mask per image (same stem, PNG, 0/255) to --output; a TIFF stack
 gives a mask stack (<stem>.tif, one page per slice, for Fiji and napari).
@@ -8,10 +8,16 @@ table, and overlay pictures. Images are predicted in overlapping tiles and
 stitched without seams. Existing outputs are kept (so a rerun finishes an
 interrupted folder) unless --overwrite.
 
+A zarr volume (an OME-Zarr image or a plain zarr array, 2D or z-y-x) is
+predicted in blocks on Dask, by local worker processes (--workers) or an
+existing cluster (--scheduler), into an OME-Zarr mask with a pyramid
+(<stem>.zarr); a rerun of the same command finishes an interrupted volume.
+
 Examples:
   python prediction_mito.py --demo
   python prediction_mito.py --input my_slices/ --model models/unet_mito.h5 --output my_masks/
   python prediction_mito.py --input stack.tif --output stack_out/ --instances --pixel-size 10 --overlays
+  python prediction_mito.py --input volume.ome.zarr --output volume_out/ --workers 2
 """
 
 from __future__ import annotations
@@ -26,17 +32,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mito.cli import (Parser, add_debug_option, add_inference_options, fill_unset, inference_options,  # noqa: E402
-                      positive_float, run_cli, shard_option)
+                      positive_float, positive_int, run_cli, shard_option)
 
 PROG = "prediction_mito.py"
 DEFAULT_MODEL = "models/unet_mito.h5"
 DEMO = {"input": "dataset/demo/unlabeled", "model": "models/demo_unet.h5", "output": "predictions/demo"}
+VOLUME_ONLY = ("array", "workers", "scheduler", "block_size", "prob_dtype", "labels_3d")
 
 
 def build_parser() -> Parser:
     """The command line of prediction_mito.py."""
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--input", help="folder of EM images, or one image file or multi-page TIFF stack")
+    parser.add_argument("--input", help="folder of EM images, one image file or multi-page TIFF stack, or a zarr volume")
     parser.add_argument("--demo", action="store_true", help=f"predict {DEMO['input']} with the demo model")
     parser.add_argument("--model", help=f"trained .h5 model (default: {DEFAULT_MODEL}; demo: {DEMO['model']})")
     parser.add_argument("--output", help="folder for the masks (default: predictions/<input folder name>)")
@@ -55,8 +62,28 @@ def build_parser() -> Parser:
                         help="process only the I-th of N equal shares of the input files (I from 1 to N), e.g. one "
                              "share per job of a cluster array; all shards may write into the same --output")
     add_inference_options(parser.add_argument_group("prediction"))
+    add_volume_options(parser.add_argument_group("zarr volumes (docs/volumes.md)"))
     add_debug_option(parser)
     return parser
+
+
+def add_volume_options(group) -> None:
+    group.add_argument("--array", metavar="PATH",
+                       help="the array inside a zarr group that holds several (e.g. 'raw' or a level such as 's0'; "
+                            "default: an OME-Zarr image's full resolution, or the group's only array)")
+    group.add_argument("--workers", type=positive_int, default=1,
+                       help="local Dask worker processes; each gets cores/workers TensorFlow threads (default: 1)")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="use the Dask cluster of this scheduler (e.g. tcp://node17:8786) instead of local workers")
+    group.add_argument("--block-size", type=positive_int, default=2048,
+                       help="side in y and x of the blocks given to workers, rounded to the output chunks and the "
+                            "network's pooling grid; memory per worker grows with its square (default: 2048)")
+    group.add_argument("--prob-dtype", choices=("uint8", "float16"), default="uint8",
+                       help="type of the --save-prob volume: uint8 is 255 x probability (a quarter of float32; "
+                            "default: uint8)")
+    group.add_argument("--labels-3d", action="store_true",
+                       help="also label 3D connected components of the mask (labels/objects3d) and measure them "
+                            "in <stem>_objects3d.csv")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,17 +94,51 @@ def parse_args(argv=None) -> argparse.Namespace:
         fill_unset(args, DEMO)
     if args.input is None:
         parser.error("--input is required (or use --demo)")
-    if args.pixel_size is not None and not args.instances:
+    if args.pixel_size is not None and not (args.instances or args.labels_3d):
         parser.error("--pixel-size gives the measurements of --instances in nm; add --instances or leave it out")
     args.model = args.model or DEFAULT_MODEL
+    from mito.volume import is_zarr
+
+    args.volume = is_zarr(args.input)
     if args.output is None:
-        args.output = str(Path("predictions") / Path(args.input).resolve().name)
+        name = Path(args.input).resolve().name
+        name = name.removesuffix(".zarr").removesuffix(".ome") if args.volume else name
+        args.output = str(Path("predictions") / name)
+    if args.volume:
+        unsupported = [f"--{name}" for name in ("shard", "recursive", "overlays") if getattr(args, name)]
+        if unsupported:
+            parser.error(f"{', '.join(unsupported)} work on files and folders; a zarr volume is split among Dask "
+                         "workers instead (--workers, --scheduler)")
+        if args.adapt_batchnorm:
+            parser.error("--adapt-batchnorm works on image files and TIFF stacks, not yet on zarr volumes")
+    else:
+        volume_only = [f"--{name.replace('_', '-')}" for name in VOLUME_ONLY
+                       if getattr(args, name) != parser.get_default(name)]
+        if volume_only:
+            parser.error(f"{', '.join(volume_only)} apply to a zarr volume input, and {args.input} is not one")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_cli(PROG, lambda: predict(args), debug=args.debug)
+    return run_cli(PROG, lambda: predict_volume(args) if args.volume else predict(args), debug=args.debug)
+
+
+def predict_volume(args: argparse.Namespace) -> int:
+    """A zarr volume, blockwise on Dask (mito/volume_run.py); the model is loaded here once to check it and
+    once per worker."""
+    from mito.model_files import load_model
+    from mito.segmenter import Segmenter
+    from mito.volume_model import loader
+    from mito.volume_run import predict_volume as run
+
+    model, settings = load_model(args.model)
+    options = inference_options(args, settings)
+    segmenter = Segmenter(model, settings, **options)
+    options["precision"] = segmenter.precision  # chosen here once: every worker computes alike
+    print(f"Model {args.model}: {segmenter.describe()}")
+    threads = None if args.scheduler else max(1, len(os.sched_getaffinity(0)) // args.workers)
+    return run(args, segmenter, loader(args.model, options, threads))
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -353,7 +353,8 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     model, settings = mito.model_files.load_model(model_path)
     segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
     small = [data.read_image(path) for path in data.list_images(reference)]
-    small_seconds, _ = steady_seconds(lambda: [segmenter.probability(each) for each in small], args.repeats)
+    small_seconds, _ = steady_seconds(lambda slices=small: [segmenter.probability(each) for each in slices],
+                                      args.repeats)
     small_rate = small_seconds / (sum(image.size for image in small) / 1e6)
     image = data.read_image(large / "0000.png")
     layout = mito.tiling.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
