@@ -181,7 +181,8 @@ def predict(args: argparse.Namespace) -> int:
     skipped += kept
     if args.instances:
         write_tables(args, output, measurements, summaries)
-    write_run_record(output, args, segmenter, adaptation)
+    if done:  # what the masks in this folder were made with (a rerun that only kept outputs leaves it)
+        write_run_record(output, args, segmenter, adaptation)
     print(f"Wrote outputs for {done} files to {output}"
           + (f"; kept {skipped} existing (use --overwrite to redo)" if skipped else ""))
     if len(failed) == 1 and len(images) == 1:  # one file asked for: its reason is the one line

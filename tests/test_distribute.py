@@ -190,7 +190,7 @@ def test_three_prediction_shards_together_equal_one_unsharded_run(tiny_model, tm
     def outputs(folder, tables):
         return {path.name: path.read_bytes() for path in folder.iterdir() if not path.name.startswith(tables)}
 
-    tables = ("measurements", "slices")
+    tables = ("measurements", "slices", "prediction")  # per-shard files: the tables and the run records
     whole, sharded = outputs(tmp_path / "whole", tables), outputs(tmp_path / "sharded", tables)
     assert len(whole) == 7 * 3 and whole.keys() == sharded.keys()
     assert all(whole[name] == sharded[name] for name in whole)  # byte for byte
@@ -200,6 +200,10 @@ def test_three_prediction_shards_together_equal_one_unsharded_run(tiny_model, tm
     whole_rows = rows(tmp_path / "whole" / "measurements.csv")
     assert all(table[0] == whole_rows[0] for table in shard_rows)
     assert sorted(row for table in shard_rows for row in table[1:]) == sorted(whole_rows[1:])
+    records = [json.loads((tmp_path / "sharded" / f"prediction.shard-{index}-of-3.json").read_text())
+               for index in (1, 2, 3)]
+    assert all(record["threshold"] == records[0]["threshold"] and "--shard" in record["command"]
+               for record in records)
 
 
 def test_shard_files_cover_every_file_once():

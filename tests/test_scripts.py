@@ -125,8 +125,9 @@ def test_prediction_keeps_existing_outputs_unless_overwrite(tiny_model, small_da
     output = tmp_path / "masks"
     argv = ["--input", str(source), "--model", str(tiny_model), "--output", str(output)]
     assert prediction_mito.main(argv) == 0
-    first = sorted(output.iterdir())
+    first = sorted(output.glob("*.png"))
     assert len(first) == len(list(source.iterdir())) == 2
+    assert (output / "prediction.json").is_file()
     for path in first:
         path.write_bytes(b"user's own file")
     assert prediction_mito.main(argv) == 0
