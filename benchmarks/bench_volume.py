@@ -5,15 +5,18 @@ Prints one JSON line per measurement (and writes them to --output if given), wit
 of the cpu preset's architecture and scale (filters 8, depth 4, batch norm, slices at half scale) on a
 synthetic uint8 zarr volume:
 
-- ``equal``: masks of ``prediction_mito.py --input volume.zarr`` against ``Segmenter.segment`` slice by slice
-  (today's path), pixels that differ;
-- ``throughput``: megapixels per second of today's path in one process with every core, and of the Dask path
-  with 1 worker of one TensorFlow thread (the child pinned to one core) and with one single-thread worker
-  per core; the speed-up of N workers over 1 and their rate against today's;
-- ``memory`` (with --memory-side): peak resident memory of every worker process (polled every 0.2 s) while
-  a volume of 2 slices of that side is predicted.
+- ``equal``: masks of ``prediction_mito.py --input volume.zarr`` on Dask against today's path, the same
+  command on the volume written as a TIFF stack, pixels that differ;
+- ``throughput``: megapixels per second of each whole command (start-up included: use a volume large enough
+  for it to be small): today's path in one process with every core, the Dask path with 1 worker of one
+  TensorFlow thread (the child pinned to one core) and with one single-thread worker per core; the speed-up
+  of N workers over 1 and their rate against today's;
+- ``memory`` (with --memory-side): peak resident memory of every process of the command (polled every 0.2 s)
+  while a volume of 2 slices of that side is predicted by one single-thread worker per core.
 
-  python benchmarks/bench_volume.py                       # 4 slices of 4096 px, then 2 slices of 20,000 px
+Both paths use the default --precision (auto), so they compute alike.
+
+  python benchmarks/bench_volume.py                       # 8 slices of 8192 px, then 2 slices of 20,000 px
   python benchmarks/bench_volume.py --quick               # a tiny volume: checks the benchmark itself
 """
 
@@ -38,8 +41,8 @@ PROG = "bench_volume.py"
 
 def parse_args(argv=None):
     parser = Parser(prog=PROG, description=__doc__)
-    parser.add_argument("--slices", type=positive_int, default=4, help="slices of the throughput volume")
-    parser.add_argument("--side", type=positive_int, default=4096, help="side of its slices (px)")
+    parser.add_argument("--slices", type=positive_int, default=8, help="slices of the throughput volume")
+    parser.add_argument("--side", type=positive_int, default=8192, help="side of its slices (px)")
     parser.add_argument("--memory-side", type=int, default=20000,
                         help="side of the 2 slices of the memory test (0: skip it)")
     parser.add_argument("--quick", action="store_true", help="a tiny volume, no memory test: seconds")
@@ -91,13 +94,24 @@ def write_volume(path: Path, slices: int, side: int) -> None:
             array[z, y:y + band.shape[0]] = np.clip(band + noise, 0, 255).astype(np.uint8)
 
 
-def predict_cli(volume: Path, model: Path, output: Path, workers: int, cores: str | None = None) -> tuple[float, dict]:
-    """(wall seconds, {worker pid: peak RSS MB}) of prediction_mito.py on ``volume`` in a child process,
-    pinned to ``cores`` (taskset list) if given."""
+def write_stack(volume: Path, path: Path) -> None:
+    """The same volume as a multi-page TIFF, the input of today's path (pages read one at a time)."""
+    import tifffile
+    import zarr
+
+    array = zarr.open_array(str(volume), mode="r")
+    with tifffile.TiffWriter(path) as stack:
+        for z in range(array.shape[0]):
+            stack.write(array[z], contiguous=True)
+
+
+def predict_cli(source: Path, model: Path, output: Path, workers: int | None, cores: str | None = None):
+    """(wall seconds, {worker pid: peak RSS MB}) of prediction_mito.py on ``source`` in a child process, with
+    ``workers`` Dask workers (None: today's single process), pinned to ``cores`` (a taskset list) if given."""
     import psutil
 
-    command = [sys.executable, str(REPO / "prediction_mito.py"), "--input", str(volume), "--model", str(model),
-               "--output", str(output), "--workers", str(workers), "--overwrite"]
+    command = [sys.executable, str(REPO / "prediction_mito.py"), "--input", str(source), "--model", str(model),
+               "--output", str(output), "--overwrite", *(["--workers", str(workers)] if workers else [])]
     if cores is not None:
         command = ["taskset", "-c", cores, *command]
     started = time.perf_counter()
@@ -106,9 +120,8 @@ def predict_cli(volume: Path, model: Path, output: Path, workers: int, cores: st
     parent = psutil.Process(child.pid)
     while child.poll() is None:
         try:
-            for process in parent.children(recursive=True):
-                if "distributed" in " ".join(process.cmdline()) or "spawn" in " ".join(process.cmdline()):
-                    peaks[process.pid] = max(peaks.get(process.pid, 0), process.memory_info().rss / 2**20)
+            for process in [parent, *parent.children(recursive=True)]:
+                peaks[process.pid] = max(peaks.get(process.pid, 0), process.memory_info().rss / 2**20)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
         time.sleep(0.2)
@@ -118,25 +131,9 @@ def predict_cli(volume: Path, model: Path, output: Path, workers: int, cores: st
     return seconds, peaks
 
 
-def todays_path(volume: Path, model: Path):
-    """(seconds, masks) of Segmenter.segment on every slice in this process, every core."""
-    import numpy as np
-    import zarr
-
-    import mito.model_files
-    import mito.segmenter
-
-    loaded, settings = mito.model_files.load_model(model)
-    segmenter = mito.segmenter.Segmenter(loaded, settings)
-    array = zarr.open_array(str(volume), mode="r")
-    segmenter.segment(array[0, :256, :256])  # trace once, as the CLI's first slice would
-    started = time.perf_counter()
-    masks = [segmenter.segment(array[z])[1] for z in range(array.shape[0])]
-    return time.perf_counter() - started, np.stack(masks).astype(np.uint8) * 255
-
-
 def run(args) -> int:
     import numpy as np
+    import tifffile
     import zarr
 
     records = []
@@ -151,23 +148,28 @@ def run(args) -> int:
         model = cpu_model(work)
         volume = work / "volume.zarr"
         write_volume(volume, args.slices, args.side)
+        write_stack(volume, work / "volume.tif")
         megapixels = args.slices * args.side**2 / 1e6
-        today_seconds, masks = todays_path(volume, model)
+        today_seconds, _ = predict_cli(work / "volume.tif", model, work / "today", None)
         one_seconds, _ = predict_cli(volume, model, work / "one", 1, cores="0")
         many_seconds, _ = predict_cli(volume, model, work / "many", cores)
+        today_masks = tifffile.imread(work / "today" / "volume.tif")
         dask_masks = zarr.open_group(str(work / "many" / "volume.zarr"), mode="r")["0"][:]
         emit({"kind": "equal", "slices": args.slices, "side": args.side,
-              "differing_pixels": int(np.count_nonzero(dask_masks != masks))})
+              "differing_pixels": int(np.count_nonzero(dask_masks != today_masks))})
         emit({"kind": "throughput", "cores": cores, "megapixels": megapixels,
               "today_mpx_s": megapixels / today_seconds, "one_worker_one_thread_mpx_s": megapixels / one_seconds,
               f"{cores}_workers_one_thread_mpx_s": megapixels / many_seconds,
               "speedup_over_one_worker": one_seconds / many_seconds, "rate_vs_today": today_seconds / many_seconds,
-              "note": "Dask times include starting the cluster and loading the model in each worker"})
+              "note": "wall time of each whole command, start-up included: today's path is prediction_mito.py "
+                      "on the volume as a TIFF stack with every core, the Dask path starts its cluster and loads "
+                      "the model in each worker"})
         if args.memory_side:
             big = work / "big.zarr"
             write_volume(big, 2, args.memory_side)
             seconds, peaks = predict_cli(big, model, work / "big_out", cores)
             emit({"kind": "memory", "slices": 2, "side": args.memory_side, "workers": cores, "seconds": seconds,
+                  "input_gb_float32": round(2 * args.memory_side**2 * 4 / 1e9, 2),
                   "peak_rss_mb_per_process": sorted(round(peak) for peak in peaks.values())})
     if args.output:
         Path(args.output).write_text("".join(json.dumps(record) + "\n" for record in records))
