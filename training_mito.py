@@ -128,6 +128,12 @@ def add_training_options(train, default) -> None:
                             f"as test_mito.py will, at their best threshold {default('monitor')}")
     train.add_argument("--patience", type=int,
                        help=f"stop after this many epochs without a better --monitor, 0 never {default('patience')}")
+    train.add_argument("--precision", choices=["float32", "bfloat16", "auto"], default="float32",
+                       help="arithmetic of training: 'bfloat16' is Keras' mixed precision (weights, batch-norm "
+                            "statistics and the loss stay float32; convolutions in bfloat16), fast only on a CPU "
+                            "with bfloat16 in hardware (AVX512-BF16 or AMX); 'auto' picks it there and float32 "
+                            "elsewhere. The saved model is float32 whatever was trained, and the threshold is "
+                            "tuned in float32 (default: float32)")
     train.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     train.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                        help="same seed and data give the same weights (default: on without a GPU, where XLA's "
@@ -358,7 +364,23 @@ def choose_determinism_and_xla(args, strategy, workers: int) -> None:
     # Keras turns XLA off under op determinism; XLA's CPU programs repeat exactly without it
     # (tests/test_reliability.py trains twice, and kills and resumes a run, to check that).
     set_op_determinism(args.deterministic and not args.xla)
+    args.precision = resolve_training_precision(args.precision)
     tf.keras.utils.set_random_seed(args.seed)
+
+
+def resolve_training_precision(precision: str) -> str:
+    """'auto' is bfloat16 on a CPU that multiplies it in hardware and float32 elsewhere (GPUs included: their
+    mixed precision is float16, which needs loss scaling); bfloat16 asked for on a CPU without it is warned of."""
+    from mito.segmenter import cpu_supports_bfloat16, resolve_precision
+
+    resolved = resolve_precision(precision)
+    if resolved == "bfloat16" and precision != "auto" and not cpu_supports_bfloat16():
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            print("warning: this CPU has no bfloat16 hardware (AVX512-BF16 or AMX): --precision bfloat16 is "
+                  "emulated and slower than float32 here", file=sys.stderr)
+    return resolved
 
 
 def describe_run(args, config, strategy, workers: int, chief: bool, model_path: Path, split: dict, state) -> dict:
@@ -382,7 +404,8 @@ def describe_run(args, config, strategy, workers: int, chief: bool, model_path: 
           f"augmentation {args.augmentation} ({args.augment})"
           f"{f', geometry {args.geometry}' if args.augmentation != 'none' else ''}, best by {args.monitor}"
           f"{f', patience {args.patience}' if args.patience else ''}, seed {args.seed}, "
-          f"deterministic {'on' if args.deterministic else 'off'}, XLA {'on' if args.xla else 'off'}")
+          f"deterministic {'on' if args.deterministic else 'off'}, XLA {'on' if args.xla else 'off'}, "
+          f"{args.precision}")
     if state:
         print(f"Resuming    after epoch {state['epoch']} from {state['checkpoint']}, with that run's options")
     return dict(replicas=replicas, workers=workers, global_batch=global_batch)
@@ -402,7 +425,8 @@ def build_or_resume_model(args, config, strategy, model_path: Path, state, paren
             if args.lr_schedule == "cosine":
                 learning_rate = tf.keras.optimizers.schedules.CosineDecay(
                     args.learning_rate, decay_steps=args.epochs * args.steps_per_epoch, alpha=0.01)
-            model = compile_unet(build_unet(config), learning_rate, args.loss, args.foreground_weight,
+            policy = "mixed_bfloat16" if args.precision == "bfloat16" else None
+            model = compile_unet(build_unet(config, policy), learning_rate, args.loss, args.foreground_weight,
                                  jit_compile=args.xla)
             if parent is not None:  # fine-tuning starts from the parent's weights
                 model.set_weights(parent.get_weights())

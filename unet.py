@@ -88,13 +88,27 @@ class UNetConfig:
         return cls(**values).validate()
 
 
-def build_unet(config: UNetConfig = UNetConfig()) -> tf.keras.Model:
+def build_unet(config: UNetConfig = UNetConfig(), dtype_policy: str | None = None) -> tf.keras.Model:
     """Build an uncompiled, fully convolutional U-Net.
 
     Input ``(batch, y, x, 1)`` float32 in [0, 1] with y and x multiples of
     ``config.alignment``; output ``(batch, y, x, 1)`` float32 probabilities.
     Layer names are deterministic (``enc0_conv1`` ... ``output``).
+    ``dtype_policy``: a Keras mixed-precision policy for the layers (e.g.
+    'mixed_bfloat16': float32 weights, 16-bit arithmetic; the output stays
+    float32); None builds under the global policy (float32 unless changed).
     """
+    if dtype_policy is None:
+        return _build_unet(config)
+    previous = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(dtype_policy)
+    try:
+        return _build_unet(config)
+    finally:
+        tf.keras.mixed_precision.set_global_policy(previous)
+
+
+def _build_unet(config: UNetConfig) -> tf.keras.Model:
     config.validate()
     layers = tf.keras.layers
 

@@ -31,6 +31,7 @@ def save_model(model: tf.keras.Model, path: str | os.PathLike, settings: Setting
     if path.suffix != ".h5":
         raise ModelError(f"{path}: model files must end in .h5")
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = float32_twin(model, settings)
     # HDF5 is this project's deliberate format; Keras 3 logs that it is legacy, tf-keras warns.
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
@@ -43,6 +44,16 @@ def save_model(model: tf.keras.Model, path: str | os.PathLike, settings: Setting
         absl_logger.setLevel(level)
     if settings is not None:
         write_settings(path, settings)
+
+
+def float32_twin(model: tf.keras.Model, settings: Settings | None = None) -> tf.keras.Model:
+    """``model`` itself if it computes in float32, else a float32 U-Net with its weights: a model trained in
+    mixed precision is saved as float32, so that loading it never changes the precision of a later run."""
+    if all(layer.compute_dtype == "float32" for layer in model.layers):
+        return model
+    twin = build_unet(settings.unet if settings is not None else _infer_config(model))
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def _infer_config(model: tf.keras.Model) -> UNetConfig:

@@ -89,6 +89,8 @@ RUN_OPTIONS = (
     "depth", "dropout", "head_filters", "batch_norm", "learning_rate", "lr_schedule", "loss", "foreground_weight",
     "monitor", "patience", "seed", "deterministic", "xla", "scale",
     "init_from",  # the parent model of a fine-tuning run, or None
+    "precision",  # the training arithmetic; runs saved before it existed used float32
 )
 # What runs saved before an option existed used.
-RESUME_DEFAULTS = {"augment": "keras", "geometry": "affine", "xla": False, "scale": 1.0, "init_from": None}
+RESUME_DEFAULTS = {"augment": "keras", "geometry": "affine", "xla": False, "scale": 1.0, "init_from": None,
+                   "precision": "float32"}

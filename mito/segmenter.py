@@ -56,12 +56,7 @@ def with_precision(model: tf.keras.Model, config: UNetConfig, precision: str = "
         raise ConfigError(f"precision={precision!r}: must be one of {list(PRECISIONS)}")
     if PRECISIONS[precision] is None:
         return model
-    previous = tf.keras.mixed_precision.global_policy()
-    tf.keras.mixed_precision.set_global_policy(PRECISIONS[precision])
-    try:
-        clone = build_unet(config)
-    finally:
-        tf.keras.mixed_precision.set_global_policy(previous)
+    clone = build_unet(config, PRECISIONS[precision])
     clone.set_weights(model.get_weights())
     return clone
 

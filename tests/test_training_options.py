@@ -130,6 +130,29 @@ def test_batch_norm_trains_saves_loads_and_resumes(small_dataset, tmp_path):
     assert training_mito.parse_args(["--preset", "cpu", "--no-batch-norm"]).batch_norm is False
 
 
+def test_bfloat16_training_saves_a_float32_model_and_resumes_in_bfloat16(small_dataset, tmp_path, monkeypatch,
+                                                                          capsys):
+    options = ["--precision", "bfloat16", "--epochs", "2"]
+    whole = tmp_path / "whole.h5"
+    assert train(small_dataset, whole, *options) == 0
+    assert "bfloat16" in capsys.readouterr().err  # this test's CPU is taken to lack bfloat16 hardware: warned
+    model, settings = mito.model_files.load_model(whole)
+    assert settings.training["options"]["precision"] == "bfloat16"
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}  # loads as float32 for every later run
+    state, checkpoint = resume_point(whole)
+    assert checkpoint.get_layer("enc0_conv1").compute_dtype == "bfloat16"  # the resume point trains on in bfloat16
+    interrupted = tmp_path / "interrupted.h5"
+    with interrupted_after_first_epoch(monkeypatch):
+        assert train(small_dataset, interrupted, *options) == 130
+    assert training_mito.main(["--model", str(interrupted), "--resume"]) == 0
+    assert_same_weights(mito.model_files.load_model(interrupted)[0].get_weights(), model.get_weights())
+    # auto: bfloat16 only on a CPU that has it in hardware
+    monkeypatch.setattr(mito.segmenter, "cpu_supports_bfloat16", lambda: True)
+    assert training_mito.resolve_training_precision("auto") == "bfloat16"
+    monkeypatch.setattr(mito.segmenter, "cpu_supports_bfloat16", lambda: False)
+    assert training_mito.resolve_training_precision("auto") == "float32"
+
+
 def test_architecture_normalisation_and_run_switches_are_recorded_and_used(small_dataset, tmp_path, capsys):
     path = tmp_path / "switches.h5"
     assert train(small_dataset, path, "--depth", "3", "--filters", "6", "--head-filters", "3",
