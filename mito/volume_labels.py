@@ -6,8 +6,9 @@ labels are shifted to be unique, each block reports which labels touch across it
 a 1-px margin), the client joins those (connected components of the touch graph) and each block is renumbered
 1..N. Memory per task is one block; the client holds one number per label. Labels are numbered across the
 volume (uint32, 0 is background), so a slice's instances do not restart at 1 as they do for TIFF stacks.
-The tables have one row per object: its voxels, the slices it spans, its centroid, and physical sizes when
-the pixel size is known. (dask-image's ``ndmeasure.label`` was tried first: see benchmarks/EXPERIMENTS.md.)
+The tables have one row per object: its voxels, the slices it spans, its centroid, physical sizes when
+the pixel size is known, and for the per-slice instances the shape measures of the TIFF path (perimeter, axes,
+eccentricity, solidity). (dask-image's ``ndmeasure.label`` was tried first: see benchmarks/EXPERIMENTS.md.)
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def label_volume(client, gather, args, job, volume, paths) -> list[str]:
         run(f"renumber {kind}", renumber_block, [target] * count, origins, [job.block] * count,
              [str(table)] * count)
         rows = measure(client, target, job.shape, job.chunks, spacing, unit)
+        if kind == "instances":
+            add_shape_measures(client, gather, target, rows, job.block, spacing, unit)
+        for row in rows:
+            del row["_box"]
         write_csv(Path(args.output) / f"{volume.stem}_{kind}.csv", rows)
         print(f"Labelled {len(rows)} {'mitochondria in their slices' if kind == 'instances' else '3D objects'}: "
               f"{paths['mask'] / 'labels' / kind}, {Path(args.output) / f'{volume.stem}_{kind}.csv'}")
@@ -143,20 +148,26 @@ def physical_spacing(pixel_size: float | None, volume):
     return None, None
 
 
+COLUMNS = 11  # of a partial-sums row: label, voxels, sums of z, y, x, then min and max of z, y and x
+
+
 def _partial_sums(block: np.ndarray, origin: tuple[int, int, int]) -> np.ndarray:
-    """Per label of one block: [label, voxels, sum z, sum y, sum x, min z, max z] (float64 rows)."""
+    """Per label of one block: [label, voxels, sum z, sum y, sum x, min z, max z, min y, max y, min x, max x]
+    (float64 rows)."""
     flat = block.ravel()
     present = flat > 0
     if not present.any():
-        return np.zeros((0, 7))
+        return np.zeros((0, COLUMNS))
     coordinates = np.indices(block.shape).reshape(3, -1)[:, present] + np.asarray(origin)[:, None]
     labels, inverse, counts = np.unique(flat[present], return_inverse=True, return_counts=True)
     sums = [np.bincount(inverse, weights=axis, minlength=len(labels)) for axis in coordinates]
-    z_min = np.full(len(labels), np.inf)
-    z_max = np.full(len(labels), -np.inf)
-    np.minimum.at(z_min, inverse, coordinates[0])
-    np.maximum.at(z_max, inverse, coordinates[0])
-    return np.column_stack([labels, counts, *sums, z_min, z_max])
+    extremes = []
+    for axis in coordinates:
+        low, high = np.full(len(labels), np.inf), np.full(len(labels), -np.inf)
+        np.minimum.at(low, inverse, axis)
+        np.maximum.at(high, inverse, axis)
+        extremes += [low, high]
+    return np.column_stack([labels, counts, *sums, *extremes])
 
 
 def _read_sums(path: str, origin, shape):
@@ -171,26 +182,64 @@ def measure(client, path: str, shape, chunks, spacing, unit: str | None) -> list
     origins = [(z, y, x) for z in range(0, shape[0], chunks[0]) for y in range(0, shape[1], chunks[1])
                for x in range(0, shape[2], chunks[2])]
     parts = client.gather(client.map(_read_sums, [path] * len(origins), origins, [chunks] * len(origins)))
-    table = np.concatenate([part for part in parts if len(part)] or [np.zeros((0, 7))])
+    table = np.concatenate([part for part in parts if len(part)] or [np.zeros((0, COLUMNS))])
     if not len(table):
         return []
     ids, inverse = np.unique(table[:, 0], return_inverse=True)
     totals = np.zeros((len(ids), 4))
     np.add.at(totals, inverse, table[:, 1:5])
-    z_min, z_max = np.full(len(ids), np.inf), np.full(len(ids), -np.inf)
-    np.minimum.at(z_min, inverse, table[:, 5])
-    np.maximum.at(z_max, inverse, table[:, 6])
+    lows, highs = np.full((len(ids), 3), np.inf), np.full((len(ids), 3), -np.inf)
+    np.minimum.at(lows, inverse, table[:, 5::2])
+    np.maximum.at(highs, inverse, table[:, 6::2])
     rows = []
     for index, label in enumerate(ids):
         voxels = totals[index, 0]
-        row = {"label": int(label), "z_first": int(z_min[index]), "z_last": int(z_max[index]), "voxels": int(voxels),
-               "centroid_z": totals[index, 1] / voxels, "centroid_y": totals[index, 2] / voxels,
-               "centroid_x": totals[index, 3] / voxels}
+        row = {"label": int(label), "z_first": int(lows[index, 0]), "z_last": int(highs[index, 0]),
+               "voxels": int(voxels), "centroid_z": totals[index, 1] / voxels,
+               "centroid_y": totals[index, 2] / voxels, "centroid_x": totals[index, 3] / voxels,
+               "_box": (*lows[index].astype(int).tolist(), *(highs[index].astype(int) + 1).tolist())}
         if spacing:
             row[f"volume_{unit}3"] = voxels * float(np.prod(spacing))
             row[f"area_{unit}2"] = voxels * spacing[1] * spacing[2] / (row["z_last"] - row["z_first"] + 1)
         rows.append(row)
     return rows
+
+
+SHAPE_COLUMNS = {"perimeter_px": "perimeter", "major_axis_px": "major_axis", "minor_axis_px": "minor_axis",
+                 "eccentricity": None, "solidity": None}
+
+
+def add_shape_measures(client, gather, path: str, rows: list[dict], block, spacing, unit: str | None) -> None:
+    """Perimeter, axes, eccentricity and solidity of each per-slice instance, as the TIFF path measures them
+    (``mito.metrics.measure_mitochondria``), added to its row. Each instance is measured by the task of the
+    block where its bounding box starts, which reads the union of its instances' boxes in their slice: memory
+    per task is a block and the instances that reach out of it."""
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        z, y, x = row["_box"][:3]
+        groups.setdefault((z, y // block[1], x // block[2]), []).append(row)
+    tasks = [[(row["label"], row["_box"]) for row in members] for members in groups.values()]
+    results = gather(client.map(_shape_task, [path] * len(tasks), tasks, pure=False), "measure instances", "block")
+    measured = {label: values for result in results for label, values in result.items()}
+    for row in rows:
+        for column, name in SHAPE_COLUMNS.items():
+            row[column] = measured[row["label"]][column]
+            if spacing and name:
+                row[f"{name}_{unit}"] = row[column] * spacing[2]
+
+
+def _shape_task(path: str, instances: list) -> dict:
+    import zarr
+
+    from mito.metrics import measure_mitochondria
+
+    boxes = np.array([box for _, box in instances])
+    z, y0, x0 = boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].min()
+    y1, x1 = boxes[:, 4].max(), boxes[:, 5].max()
+    window = np.asarray(zarr.open_array(path, mode="r")[z, y0:y1, x0:x1])
+    wanted = np.array([label for label, _ in instances], window.dtype)
+    window[~np.isin(window, wanted)] = 0  # other instances that reach into the window are another task's
+    return {row["label"]: row for row in measure_mitochondria(window)}
 
 
 def slice_table(rows: list[dict], shape) -> list[dict]:

@@ -216,6 +216,16 @@ def check_labels(output: Path, masks: np.ndarray) -> None:
     rows = list(csv.DictReader(open(output / "cells_objects3d.csv")))
     assert len(rows) == count3d and sum(int(row["voxels"]) for row in rows) == masks.sum()
     assert float(rows[0]["volume_nm3"]) == int(rows[0]["voxels"]) * 30 * 4 * 4
+    # The shape measures are those of the TIFF path, on the whole slice, though each block measures its own.
+    from mito.metrics import measure_mitochondria
+
+    whole = {row["label"]: row for z in range(SHAPE[0]) for row in measure_mitochondria(instances[z])}
+    rows = list(csv.DictReader(open(output / "cells_instances.csv")))
+    assert len(rows) == len(whole) and "_box" not in rows[0]
+    for row in rows:
+        for column in ("perimeter_px", "major_axis_px", "minor_axis_px", "eccentricity", "solidity"):
+            assert float(row[column]) == pytest.approx(whole[int(row["label"])][column], abs=1e-9)
+        assert float(row["perimeter_nm"]) == pytest.approx(4 * float(row["perimeter_px"]))
     slices = list(csv.DictReader(open(output / "cells_slices.csv")))
     assert [int(row["count"]) for row in slices] == [ndimage.label(m, np.ones((3, 3)))[1] for m in masks]
     nodes = list(Reader(parse_url(str(output / "cells.zarr" / "labels" / "instances")))())
