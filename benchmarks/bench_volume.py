@@ -14,7 +14,9 @@ synthetic uint8 zarr volume:
 - ``memory`` (with --memory-side): peak resident memory of every process of the command (polled every 0.2 s)
   while a volume of 2 slices of that side is predicted by one single-thread worker per core.
 
-Both paths use the default --precision (auto), so they compute alike.
+Both paths use the same --precision (auto by default, as a user runs them). Slices of more than 4 million
+pixels are normalised from sampled percentiles on the Dask path (docs/volumes.md), which can move pixels near
+the threshold: ``equal`` on slices of at most 2048 px measures the rest.
 
   python benchmarks/bench_volume.py                       # 8 slices of 8192 px, then 2 slices of 20,000 px
   python benchmarks/bench_volume.py --quick               # a tiny volume: checks the benchmark itself
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--side", type=positive_int, default=8192, help="side of its slices (px)")
     parser.add_argument("--memory-side", type=int, default=20000,
                         help="side of the 2 slices of the memory test (0: skip it)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="--precision of both paths (default: auto, as a user runs them)")
     parser.add_argument("--quick", action="store_true", help="a tiny volume, no memory test: seconds")
     parser.add_argument("--output", help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -105,13 +109,15 @@ def write_stack(volume: Path, path: Path) -> None:
             stack.write(array[z], contiguous=True)
 
 
-def predict_cli(source: Path, model: Path, output: Path, workers: int | None, cores: str | None = None):
+def predict_cli(source: Path, model: Path, output: Path, workers: int | None, cores: str | None = None,
+                precision: str = "auto"):
     """(wall seconds, {worker pid: peak RSS MB}) of prediction_mito.py on ``source`` in a child process, with
     ``workers`` Dask workers (None: today's single process), pinned to ``cores`` (a taskset list) if given."""
     import psutil
 
     command = [sys.executable, str(REPO / "prediction_mito.py"), "--input", str(source), "--model", str(model),
-               "--output", str(output), "--overwrite", *(["--workers", str(workers)] if workers else [])]
+               "--output", str(output), "--overwrite", "--precision", precision,
+               *(["--workers", str(workers)] if workers else [])]
     if cores is not None:
         command = ["taskset", "-c", cores, *command]
     started = time.perf_counter()
@@ -150,12 +156,12 @@ def run(args) -> int:
         write_volume(volume, args.slices, args.side)
         write_stack(volume, work / "volume.tif")
         megapixels = args.slices * args.side**2 / 1e6
-        today_seconds, _ = predict_cli(work / "volume.tif", model, work / "today", None)
-        one_seconds, _ = predict_cli(volume, model, work / "one", 1, cores="0")
-        many_seconds, _ = predict_cli(volume, model, work / "many", cores)
+        today_seconds, _ = predict_cli(work / "volume.tif", model, work / "today", None, None, args.precision)
+        one_seconds, _ = predict_cli(volume, model, work / "one", 1, "0", args.precision)
+        many_seconds, _ = predict_cli(volume, model, work / "many", cores, None, args.precision)
         today_masks = tifffile.imread(work / "today" / "volume.tif")
         dask_masks = zarr.open_group(str(work / "many" / "volume.zarr"), mode="r")["0"][:]
-        emit({"kind": "equal", "slices": args.slices, "side": args.side,
+        emit({"kind": "equal", "slices": args.slices, "side": args.side, "precision": args.precision,
               "differing_pixels": int(np.count_nonzero(dask_masks != today_masks))})
         emit({"kind": "throughput", "cores": cores, "megapixels": megapixels,
               "today_mpx_s": megapixels / today_seconds, "one_worker_one_thread_mpx_s": megapixels / one_seconds,
@@ -167,7 +173,7 @@ def run(args) -> int:
         if args.memory_side:
             big = work / "big.zarr"
             write_volume(big, 2, args.memory_side)
-            seconds, peaks = predict_cli(big, model, work / "big_out", cores)
+            seconds, peaks = predict_cli(big, model, work / "big_out", cores, None, args.precision)
             emit({"kind": "memory", "slices": 2, "side": args.memory_side, "workers": cores, "seconds": seconds,
                   "input_gb_float32": round(2 * args.memory_side**2 * 4 / 1e9, 2),
                   "peak_rss_mb_per_process": sorted(round(peak) for peak in peaks.values())})
