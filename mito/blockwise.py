@@ -98,10 +98,13 @@ def network_halo(overlap: int, align: int, scale: float) -> tuple[int, int]:
 def slice_statistics(job: Job, z: int) -> dict:
     """What normalising slice ``z`` needs, as ``data.normalize`` computes it on the whole slice:
     ``low`` and ``scale`` of the percentile mode, and ``fill``, the median of the normalised finite pixels
-    (NaN pixels get it for the network). From every pixel when the slice has at most ``SAMPLE_PIXELS``, else
-    from an even grid of about that many (a documented approximation). Read band by band."""
+    (NaN pixels get it for the network). Read band by band. Exact for 8- and 16-bit integer slices of any
+    size (a histogram of every pixel); other types from every pixel when the slice has at most
+    ``SAMPLE_PIXELS``, else from an even grid of about that many (a documented approximation)."""
     volume = open_cached(job.input, job.array)
     _, height, width = volume.shape
+    if volume.dtype.kind in "ui" and volume.dtype.itemsize <= 2:
+        return _histogram_statistics(job, volume, z)
     step = max(1, math.ceil(math.sqrt(height * width / SAMPLE_PIXELS)))
     band = max(volume.chunks[1], step)
     parts = [volume.read(slice(z, z + 1), slice(y, min(y + band, height)), slice(0, width))[0]
@@ -118,6 +121,47 @@ def slice_statistics(job: Job, z: int) -> dict:
     normalised = normalize_with(sample[finite], volume.dtype, job.normalization, stats)
     stats["fill"] = float(np.median(normalised))
     return stats
+
+
+def _histogram_statistics(job: Job, volume, z: int) -> dict:
+    """``slice_statistics`` of an integer slice from the histogram of all its pixels: the order statistics
+    NumPy's percentiles interpolate between are exact, so blocks normalise as the whole slice does. (An
+    integer slice has no NaN, so ``fill`` is never used; it is the normalised median for completeness.)"""
+    _, height, width = volume.shape
+    offset = int(np.iinfo(volume.dtype).min)
+    counts = np.zeros(2 ** (8 * volume.dtype.itemsize), np.int64)
+    band = volume.chunks[1]
+    for y in range(0, height, band):
+        values = np.asarray(volume.read(slice(z, z + 1), slice(y, min(y + band, height)), slice(0, width)))
+        counts += np.bincount((values.astype(np.int64) - offset).ravel(), minlength=len(counts))
+    stats = {"low": 0.0, "scale": 1.0, "fill": 0.0, "sampled_every": 1}
+    if job.normalization.get("mode") == "percentile":
+        low, high = percentiles_from_histogram(counts, offset, [job.normalization.get("low", 1.0),
+                                                                job.normalization.get("high", 99.8)])
+        stats["low"], stats["scale"] = low, high - low if high > low else 1.0
+    median = percentiles_from_histogram(counts, offset, [50.0])[0]
+    stats["fill"] = float(normalize_with(np.array([median], np.float32), volume.dtype, job.normalization, stats)[0])
+    return stats
+
+
+def percentiles_from_histogram(counts: np.ndarray, offset: int, percentiles: list[float]) -> list[float]:
+    """``np.percentile`` (linear method) of the values whose histogram is ``counts`` (value ``offset + i``
+    occurs ``counts[i]`` times), without the values: the two order statistics around each percentile's
+    position, interpolated as NumPy does."""
+    cumulative = np.cumsum(counts)
+    total = int(cumulative[-1])
+
+    def order_statistic(index: int) -> float:
+        return float(np.searchsorted(cumulative, index, side="right") + offset)
+
+    results = []
+    for percentile in percentiles:
+        position = (total - 1) * (percentile / 100)
+        below = math.floor(position)
+        a, b = order_statistic(below), order_statistic(min(below + 1, total - 1))
+        t = position - below
+        results.append(a if a == b else (b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t))
+    return results
 
 
 def normalize_with(raw: np.ndarray, dtype, normalization: dict, stats: dict) -> np.ndarray:

@@ -280,3 +280,29 @@ def test_bad_volumes_and_options_are_one_line_errors(tiny_model, tmp_path, capsy
             prediction_mito.main(["--input", source, "--model", str(tiny_model), *options])
         assert exit_code.value.code == 2 and message in capsys.readouterr().err
     assert tree_digest(channels) == before
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_integer_slices_of_any_size_are_normalised_exactly_as_whole_slices(dtype, tmp_path):
+    """The histogram gives NumPy's percentiles of every pixel, also where sampling would start (> 4 Mpx)."""
+    from mito.blockwise import SAMPLE_PIXELS, Job, percentiles_from_histogram, slice_statistics
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    for size, high in ((1, info.max), (7, 3), (1000, 40), (10_001, info.max)):
+        values = rng.integers(info.min, high, size, endpoint=True).astype(dtype)
+        offset = int(info.min)
+        counts = np.bincount(values.astype(np.int64) - offset, minlength=2 ** (8 * values.itemsize))
+        for percentile in (0.0, 1.0, 37.3, 50.0, 99.8, 100.0):
+            expected = np.percentile(values.astype(np.float32), percentile)
+            assert np.float32(percentiles_from_histogram(counts, offset, [percentile])[0]) == np.float32(expected)
+    side = int(np.sqrt(SAMPLE_PIXELS)) + 64  # beyond SAMPLE_PIXELS
+    slice_ = (rng.normal(0.4, 0.1, (side, side)) * info.max).clip(info.min, info.max).astype(dtype)
+    zarr.create_array(str(tmp_path / "big.zarr"), data=slice_[None], chunks=(1, 512, 512), zarr_format=2)
+    job = Job(input=str(tmp_path / "big.zarr"), array=None, work="", mask="", prob=None, prob_dtype="uint8",
+              loader=None, shape=(1, side, side), chunks=(1, 512, 512), block=(1, 512, 512), halo=0, cleanup={},
+              normalization={"mode": "percentile", "low": 1.0, "high": 99.8})
+    stats = slice_statistics(job, 0)
+    low, high = np.percentile(slice_.astype(np.float32), [1.0, 99.8])
+    assert stats["sampled_every"] == 1
+    assert np.float32(stats["low"]) == np.float32(low) and np.float32(stats["scale"]) == np.float32(high - low)
