@@ -133,7 +133,8 @@ def _histogram_statistics(job: Job, volume, z: int) -> dict:
     band = volume.chunks[1]
     for y in range(0, height, band):
         values = np.asarray(volume.read(slice(z, z + 1), slice(y, min(y + band, height)), slice(0, width)))
-        counts += np.bincount((values.astype(np.int64) - offset).ravel(), minlength=len(counts))
+        codes = values.ravel() if offset == 0 else values.astype(np.int32).ravel() - offset
+        counts += np.bincount(codes, minlength=len(counts))
     stats = {"low": 0.0, "scale": 1.0, "fill": 0.0, "sampled_every": 1}
     if job.normalization.get("mode") == "percentile":
         low, high = percentiles_from_histogram(counts, offset, [job.normalization.get("low", 1.0),
