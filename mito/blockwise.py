@@ -65,6 +65,7 @@ class Job:
     halo: int  # input pixels read around a block for the network
     cleanup: dict  # {"min_size", "max_hole"}
     normalization: dict
+    level1: str | None = None  # the mask's pyramid level 1, when the clean-up pass writes it (``fused_level1``)
 
     @property
     def cleanup_halo(self) -> int:
@@ -256,8 +257,27 @@ def clean_block(job: Job, origin: tuple[int, int, int]) -> tuple[int, int, int]:
         cleaned = postprocess(page == 1, job.cleanup) & (page != INVALID)
         mask[index] = cleaned[inner[1:]] * np.uint8(255)
     open_output(job.mask)[core] = mask
+    if job.level1:  # the first pyramid level from the block in hand, instead of reading level 0 again
+        level1 = open_output(job.level1)
+        rows = slice(core[1].start // 2, min(core[1].stop // 2, level1.shape[1]))
+        columns = slice(core[2].start // 2, min(core[2].stop // 2, level1.shape[2]))
+        height, width = rows.stop - rows.start, columns.stop - columns.start
+        level1[core[0], rows, columns] = halve(mask[:, :2 * height, :2 * width])
     mark_done(job, "clean", origin)
     return origin
+
+
+def fused_level1(block, chunks, level1_shape) -> bool:
+    """Whether clean-up blocks can write pyramid level 1 themselves: each half block must cover whole chunks of
+    that level (no two tasks write one chunk)."""
+    return all((side // 2) % min(chunk, length) == 0 and side % 2 == 0
+               for side, chunk, length in zip(block[1:], chunks[1:], level1_shape[1:]))
+
+
+def halve(pixels: np.ndarray) -> np.ndarray:
+    """The maximum of each 2 x 2 pixels in y-x (thin mitochondria stay visible); y and x must be even."""
+    depth, height, width = pixels.shape
+    return pixels.reshape(depth, height // 2, 2, width // 2, 2).max(axis=(2, 4))
 
 
 def downsample_block(source: str, target: str, origin: tuple[int, int, int], block: tuple[int, int, int]):
@@ -267,9 +287,7 @@ def downsample_block(source: str, target: str, origin: tuple[int, int, int], blo
     core = tuple(slice(start, min(start + side, length))
                  for start, side, length in zip(origin, block, target_array.shape))
     rows, columns = slice(2 * core[1].start, 2 * core[1].stop), slice(2 * core[2].start, 2 * core[2].stop)
-    below = np.asarray(open_output(source)[core[0], rows, columns])
-    depth, height, width = (c.stop - c.start for c in core)
-    target_array[core] = below.reshape(depth, height, 2, width, 2).max(axis=(2, 4))
+    target_array[core] = halve(np.asarray(open_output(source)[core[0], rows, columns]))
     return origin
 
 

@@ -17,8 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
-from mito.blockwise import (Job, block_side, clean_block, done_blocks, downsample_block, gather_with_progress,
-                            network_halo, predict_block, slice_statistics)
+from mito.blockwise import (Job, block_side, clean_block, done_blocks, downsample_block, fused_level1,
+                            gather_with_progress, network_halo, predict_block, slice_statistics)
 from mito.errors import DataError, error_reason
 from mito.files import write_json
 from mito.volume import (create_array, describe, multiscales, open_volume, output_chunks, pyramid_shapes,
@@ -77,10 +77,12 @@ def make_job(args, volume, segmenter, loader, paths) -> Job:
     chunks = output_chunks(volume)
     halo, grid = network_halo(segmenter.overlap, segmenter.align, segmenter.scale)
     block = (chunks[0], *(block_side(chunk, grid, args.block_size) for chunk in chunks[1:]))
+    shapes = pyramid_shapes(volume.shape)
+    level1 = len(shapes) > 1 and fused_level1(block, chunks, shapes[1])
     return Job(input=str(volume.path), array=args.array, work=str(paths["work"]), mask=str(paths["mask"] / "0"),
                prob=str(paths["prob"] / "0") if args.save_prob else None, prob_dtype=args.prob_dtype, loader=loader,
                shape=volume.shape, chunks=chunks, block=block, halo=halo, cleanup=dict(segmenter.postprocess or {}),
-               normalization=dict(segmenter.normalization))
+               normalization=dict(segmenter.normalization), level1=str(paths["mask"] / "1") if level1 else None)
 
 
 def _check_record(args, job: Job, segmenter, work: Path) -> None:
@@ -104,6 +106,13 @@ def create_outputs(job: Job) -> None:
     create_array(Path(job.mask), job.shape, job.chunks, "uint8")
     if job.prob:
         create_array(Path(job.prob), job.shape, job.chunks, job.prob_dtype)
+    if job.level1:
+        shape = pyramid_shapes(job.shape)[1]
+        create_array(Path(job.level1), shape, level_chunks(job.chunks, shape), "uint8")
+
+
+def level_chunks(chunks, shape) -> tuple:
+    return tuple(min(chunk, length) for chunk, length in zip(chunks, shape))
 
 
 @contextlib.contextmanager
@@ -171,8 +180,9 @@ def run_tasks(client, name: str, function, job: Job, origins: list, *more) -> No
 def build_pyramid(client, job: Job, store: Path) -> int:
     """Levels 1, 2, ... of the mask, each halving y and x; returns how many levels there are (with level 0)."""
     shapes = pyramid_shapes(job.shape)
-    for level, shape in enumerate(shapes[1:], start=1):
-        chunks = tuple(min(chunk, length) for chunk, length in zip(job.chunks, shape))
+    first = 2 if job.level1 else 1  # level 1 came with the clean-up pass
+    for level, shape in enumerate(shapes[first:], start=first):
+        chunks = level_chunks(job.chunks, shape)
         create_array(store / str(level), shape, chunks, "uint8", overwrite=True)
         block = (job.block[0], *(max(chunk, side) for chunk, side in zip(chunks[1:], job.block[1:])))
         origins = [(z, y, x) for z in range(0, shape[0], block[0]) for y in range(0, shape[1], block[1])

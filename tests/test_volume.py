@@ -179,12 +179,17 @@ def test_a_killed_worker_has_its_blocks_redone_and_the_volume_is_identical(tiny_
     with Client(cluster.scheduler_address) as client:
         client.register_plugin(KillOnce(str(flag)))
         try:
-            assert predict(ome_input, tiny_model, tmp_path / "out", "--scheduler", cluster.scheduler_address) == 0
+            # Blocks of 128 px: their halves cover whole 64-px chunks of level 1, which the clean-up pass writes.
+            assert predict(ome_input, tiny_model, tmp_path / "out", "--scheduler", cluster.scheduler_address,
+                           "--block-size", "128") == 0
         finally:
             client.unregister_worker_plugin(KillOnce.name)
         alive = set(client.run(os.getpid).values())
     assert flag.exists() and int(flag.read_text()) not in alive  # a worker really died in the middle of a block
-    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out" / "cells.zarr"), mode="r")["0"][:], expected[1])
+    result = zarr.open_group(str(tmp_path / "out" / "cells.zarr"), mode="r")
+    np.testing.assert_array_equal(result["0"][:], expected[1])
+    np.testing.assert_array_equal(result["1"][:], expected[1].reshape(3, 100, 2, 120, 2).max(axis=(2, 4)))
+    assert len(result.attrs["multiscales"][0]["datasets"]) == 2
 
 
 def same_partition(ours: np.ndarray, theirs: np.ndarray) -> bool:
