@@ -89,7 +89,8 @@ def _check_record(args, job: Job, segmenter, work: Path) -> None:
     """Finished blocks are reused only by the same command: the same input, model, settings and blocks."""
     record = {"input": job.input, "array": job.array, "shape": list(job.shape), "block": list(job.block),
               "model": str(Path(args.model).resolve()), "segmenter": segmenter.describe(), "prob": job.prob,
-              "prob_dtype": job.prob_dtype, "cleanup": job.cleanup, "normalization": job.normalization}
+              "prob_dtype": job.prob_dtype, "cleanup": job.cleanup, "normalization": job.normalization,
+              "level1": job.level1}  # an unfinished run whose clean-up did not write level 1 is not continued
     path = work / "run.json"
     if path.exists():
         if json.loads(path.read_text()) != record:
