@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 def predict_volume(args: argparse.Namespace) -> int:
     """A zarr volume, blockwise on Dask (mito/volume_run.py); the model is loaded here once to check it and
     once per worker."""
-    from mito.model_files import load_model
+    from mito.model_files import load_model, resolve_model_path
     from mito.segmenter import Segmenter
     from mito.volume_model import loader
     from mito.volume_run import predict_volume as run
@@ -138,7 +138,9 @@ def predict_volume(args: argparse.Namespace) -> int:
     options["precision"] = segmenter.precision  # chosen here once: every worker computes alike
     print(f"Model {args.model}: {segmenter.describe()}")
     threads = None if args.scheduler else max(1, len(os.sched_getaffinity(0)) // args.workers)
-    return run(args, segmenter, loader(args.model, options, threads))
+    # An absolute path: workers of an existing cluster may run in another folder (a shared file system).
+    model_path = resolve_model_path(args.model).resolve()
+    return run(args, segmenter, loader(str(model_path), options, threads))
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -135,6 +135,8 @@ def dask_client(scheduler: str | None, workers: int):
                                env={"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")})
         client = Client(cluster)
     try:
+        if scheduler:
+            _check_workers_import_us(client, scheduler)
         workers_now = len(client.scheduler_info().get("workers", {}))
         print(f"Dask: {'scheduler ' + scheduler if scheduler else 'local cluster'}, workers: {workers_now}"
               + (f"; dashboard {client.dashboard_link}" if _dashboard_running(client) else ""))
@@ -143,6 +145,20 @@ def dask_client(scheduler: str | None, workers: int):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _check_workers_import_us(client, scheduler: str) -> None:
+    """A DataError naming the workers of an existing cluster that cannot import this repository, before any task
+    fails there with a traceback. The check is a builtin, so that it needs nothing of ours on the worker."""
+    found = client.run(eval, "__import__('importlib.util').util.find_spec('mito') is not None "
+                             "and __import__('importlib.util').util.find_spec('unet') is not None")
+    missing = sorted(worker for worker, ok in found.items() if not ok)
+    if missing:
+        raise DataError(f"{scheduler}: {len(missing)} of {len(found)} Dask workers cannot import this repository "
+                        f"(e.g. {missing[0]}); start them with PYTHONPATH={REPOSITORY}")
 
 
 def _has_bokeh() -> bool:

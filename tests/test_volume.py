@@ -311,3 +311,39 @@ def test_integer_slices_of_any_size_are_normalised_exactly_as_whole_slices(dtype
     low, high = np.percentile(slice_.astype(np.float32), [1.0, 99.8])
     assert stats["sampled_every"] == 1
     assert np.float32(stats["low"]) == np.float32(low) and np.float32(stats["scale"]) == np.float32(high - low)
+
+
+def test_workers_that_cannot_import_the_repository_are_one_line_error(tiny_model, ome_input, tmp_path, capsys):
+    """A cluster started by hand outside the checkout (``dask worker`` does not look in its own folder)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    bin_dir = Path(sys.executable).parent
+    scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
+                              cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+        capsys.readouterr()
+        assert predict(ome_input, tiny_model, tmp_path / "out", "--scheduler", address) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "1 of 1 Dask workers cannot import this repository" in error[0]
+        assert "PYTHONPATH=" in error[0]
+    finally:
+        for process in (worker, scheduler):
+            process.terminate()
+        for process in (worker, scheduler):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
