@@ -150,11 +150,18 @@ def dask_client(scheduler: str | None, workers: int):
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
+# A builtin call, so that the check itself needs nothing of ours where it runs.
+_IMPORTS_US = ("__import__('importlib.util').util.find_spec('mito') is not None "
+               "and __import__('importlib.util').util.find_spec('unet') is not None")
+
+
 def _check_workers_import_us(client, scheduler: str) -> None:
-    """A DataError naming the workers of an existing cluster that cannot import this repository, before any task
-    fails there with a traceback. The check is a builtin, so that it needs nothing of ours on the worker."""
-    found = client.run(eval, "__import__('importlib.util').util.find_spec('mito') is not None "
-                             "and __import__('importlib.util').util.find_spec('unet') is not None")
+    """A DataError when the scheduler or workers of an existing cluster cannot import this repository (the
+    scheduler unpickles the task graph, the workers run it), before any task fails with a traceback."""
+    if not client.run_on_scheduler(eval, _IMPORTS_US):
+        raise DataError(f"{scheduler}: the Dask scheduler cannot import this repository; start it (and the "
+                        f"workers) with PYTHONPATH={REPOSITORY}")
+    found = client.run(eval, _IMPORTS_US)
     missing = sorted(worker for worker, ok in found.items() if not ok)
     if missing:
         raise DataError(f"{scheduler}: {len(missing)} of {len(found)} Dask workers cannot import this repository "

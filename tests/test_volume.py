@@ -314,10 +314,12 @@ def test_integer_slices_of_any_size_are_normalised_exactly_as_whole_slices(dtype
 
 
 def test_workers_that_cannot_import_the_repository_are_one_line_error(tiny_model, ome_input, tmp_path, capsys):
-    """A cluster started by hand outside the checkout (``dask worker`` does not look in its own folder)."""
+    """A cluster started by hand outside the checkout (``dask worker`` and ``dask scheduler`` do not look in
+    their own folder): first a worker, then the scheduler, cannot import this repository."""
     import socket
     import subprocess
     import sys
+    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -325,8 +327,10 @@ def test_workers_that_cannot_import_the_repository_are_one_line_error(tiny_model
     address = f"tcp://127.0.0.1:{port}"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     bin_dir = Path(sys.executable).parent
+    repository = str(Path(prediction_mito.__file__).resolve().parent)
     scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+                                  "--no-dashboard"], cwd=tmp_path, env=env | {"PYTHONPATH": repository},
+                                 stderr=subprocess.DEVNULL)
     worker = subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--no-dashboard"],
                               cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     try:
@@ -339,6 +343,16 @@ def test_workers_that_cannot_import_the_repository_are_one_line_error(tiny_model
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and "1 of 1 Dask workers cannot import this repository" in error[0]
         assert "PYTHONPATH=" in error[0]
+        worker.terminate()
+        worker.wait(timeout=20)
+        scheduler.terminate()  # and one that cannot import it either
+        scheduler.wait(timeout=20)
+        scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                                      str(port), "--no-dashboard"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        assert predict(ome_input, tiny_model, tmp_path / "out", "--scheduler", address) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "the Dask scheduler cannot import this repository" in error[0]
     finally:
         for process in (worker, scheduler):
             process.terminate()
