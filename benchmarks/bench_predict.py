@@ -74,6 +74,9 @@ def parse_args(argv=None):
                         help="sides of the large slices of the memory test; none: skip it (default: 8192; quick: 512)")
     parser.add_argument("--stack-pages", type=positive_int, default=2, help="pages of the large TIFF stack")
     parser.add_argument("--memory-filters", type=positive_int, default=16, help="base filters of the memory test")
+    parser.add_argument("--no-memory-runs", action="store_true",
+                        help="time the large slice against the small ones in this process only, without the "
+                             "prediction_mito.py runs that measure peak memory (minutes each for large models)")
     parser.add_argument("--quick", action="store_true",
                         help="a depth-2 U-Net with 4 filters on 128-px slices, 512-px memory test: checks, not figures")
     parser.add_argument("--output", help="also write the JSON lines to this file")
@@ -351,7 +354,9 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
 
     # Time per megapixel of tiled prediction, in this process: the small slices, then the large one.
     model, settings = mito.model_files.load_model(model_path)
-    segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size)
+    # The precision prediction_mito.py runs by default (bfloat16 where the CPU has it in hardware).
+    segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size,
+                                         precision="auto")
     small = [data.read_image(path) for path in data.list_images(reference)]
     small_seconds, _ = steady_seconds(lambda slices=small: [segmenter.probability(each) for each in slices],
                                       args.repeats)
@@ -370,9 +375,14 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
              (f"{args.stack_pages}-page TIFF stack of {side}x{side}", stack_path, 0.0)]
     results = []
     for name, source, rate in cases:
-        seconds, peak = predict(source, f"mem_{len(results)}")
         record = {"kind": "memory", "device": device, "filters": args.memory_filters, "input": name,
-                  "peak_rss_mb": round(peak), "seconds": round(seconds, 2), "outputs": "mask + probability"}
+                  "precision": segmenter.precision}
+        if args.no_memory_runs:
+            if not rate:
+                continue
+        else:
+            seconds, peak = predict(source, f"mem_{len(results)}")
+            record |= {"peak_rss_mb": round(peak), "seconds": round(seconds, 2), "outputs": "mask + probability"}
         if rate:
             record |= {"tiled_s_per_mpx": round(rate, 4), f"tiled_s_per_mpx_{args.size}": round(small_rate, 4),
                        # the small slices: the median of --repeats passes after a warm-up pass; the large one:

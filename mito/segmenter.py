@@ -18,6 +18,7 @@ import tensorflow as tf  # noqa: E402
 from data import normalize, rescale_image, resize_probability  # noqa: E402
 from mito.cleanup import postprocess  # noqa: E402
 from mito.errors import ConfigError, DataError  # noqa: E402
+from mito.lean_forward import LeanTilePredictor  # noqa: E402
 from mito.tiling import predict_tiled, with_tta  # noqa: E402
 from unet import UNetConfig, build_unet  # noqa: E402
 
@@ -103,8 +104,13 @@ class Segmenter:
         self.align = config.alignment
         if self.overlap >= self.tile_size:
             raise DataError(f"--overlap {self.overlap} must be smaller than --tile-size {self.tile_size}")
-        predict_fn = make_predict_fn(with_precision(model, config, self.precision))
-        self.predict_fn = with_tta(predict_fn) if tta else predict_fn
+        model = with_precision(model, config, self.precision)
+        if tta:  # each turn of a tile needs its own region, so TTA computes whole tiles
+            self.predict_fn = with_tta(make_predict_fn(model))
+        elif LeanTilePredictor.can_run(model, config):
+            self.predict_fn = LeanTilePredictor(model, config)
+        else:  # a model not built by unet.build_unet (other layer names)
+            self.predict_fn = make_predict_fn(model)
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """A raw (y, x) slice of any dtype -> (y, x) float32 in [0, 1], as the model was trained;

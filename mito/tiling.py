@@ -140,7 +140,9 @@ def predict_tiled(
 
     image: (y, x), float32 in [0, 1] (other dtypes are converted tile by tile).
     predict_fn maps a batch (n, ty, tx, 1) float32 to (n, ty, tx, 1) or
-    (n, ty, tx). Returns (y, x) float32, written into ``out`` when given.
+    (n, ty, tx); one with ``takes_needed_region`` set is also given the part
+    of the batch's tiles that is kept, ((y0, y1), (x0, x1)), and may leave
+    the rest undefined (``mito.lean_forward``). Returns (y, x) float32, written into ``out`` when given.
     Each output pixel comes from exactly one tile, taken at least
     ``overlap // 2`` pixels away from that tile's borders inside the image,
     so there are no seams (see ``tile_layout``). Memory beyond the image and the output is one
@@ -159,7 +161,10 @@ def predict_tiled(
         batch_tiles = tiles[start : start + batch_size]
         for slot, tile in enumerate(batch_tiles):
             batch[slot, ..., 0] = read_tile(image, tile.read, before)
-        result = np.asarray(predict_fn(batch[: len(batch_tiles)]))
+        if getattr(predict_fn, "takes_needed_region", False):
+            result = np.asarray(predict_fn(batch[: len(batch_tiles)], _kept_union(batch_tiles)))
+        else:
+            result = np.asarray(predict_fn(batch[: len(batch_tiles)]))
         if result.ndim == 4:
             result = result[..., 0]
         if result.shape != (len(batch_tiles), *layout.tile_shape):
@@ -168,6 +173,12 @@ def predict_tiled(
         for tile, tile_result in zip(batch_tiles, result):
             out[tile.write] = tile_result[tile.keep]
     return out
+
+
+def _kept_union(tiles) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The smallest ((y0, y1), (x0, x1)) of a tile that holds every ``keep`` of ``tiles``."""
+    return tuple((min(tile.keep[axis].start for tile in tiles), max(tile.keep[axis].stop for tile in tiles))
+                 for axis in (0, 1))
 
 
 def predict_whole(predict_fn, image: np.ndarray, align: int = 1) -> np.ndarray:

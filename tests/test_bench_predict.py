@@ -50,3 +50,12 @@ def test_peak_memory_of_a_child_is_its_own(tmp_path):
     seconds, peak = bench.measure_child([str(script), "300"])
     assert seconds > 0 and 300 < peak < 400  # this test process is far larger: not counted
     assert bench.measure_child([str(script), "1"])[1] < 100
+
+
+def test_large_slice_scaling_alone_skips_the_memory_runs(capsys):
+    bench = load_script("benchmarks/bench_predict.py")
+    assert bench.main(["--quick", "--filters", "--no-memory-runs"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
+    assert len(records) == 1 and "512x512 PNG" in records[0]["input"]
+    assert "peak_rss_mb" not in records[0] and records[0]["time_per_mpx_vs_small"] > 0
+    assert records[0]["precision"] in ("float32", "bfloat16")
