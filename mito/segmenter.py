@@ -19,6 +19,7 @@ from data import normalize, rescale_image, resize_probability  # noqa: E402
 from mito.cleanup import postprocess  # noqa: E402
 from mito.errors import ConfigError, DataError  # noqa: E402
 from mito.lean_forward import LeanTilePredictor  # noqa: E402
+from mito.memory import keep_freed_memory  # noqa: E402
 from mito.tiling import predict_tiled, with_tta  # noqa: E402
 from unet import UNetConfig, build_unet  # noqa: E402
 
@@ -86,11 +87,12 @@ class Segmenter:
     cleans it up. Every option left as None comes from the model's settings (tile size,
     overlap, threshold, clean-up), so scripts, notebooks and benchmarks segment exactly alike.
     ``tta`` averages the 8 flips and 90-degree turns; ``precision`` is the forward pass's
-    arithmetic ('float32', 'bfloat16', 'float16', or 'auto': see resolve_precision).
+    arithmetic ('float32', 'bfloat16', 'float16', or 'auto': see resolve_precision); ``scale``
+    replaces the model's resampling factor.
     """
 
     def __init__(self, model, settings, tile_size=None, overlap=None, threshold=None, postprocess=None,
-                 tta: bool = False, batch_size: int = 1, precision: str = "float32"):
+                 tta: bool = False, batch_size: int = 1, precision: str = "float32", scale: float | None = None):
         self.settings = settings  # a mito.model_files.Settings
         self.normalization = settings.normalization
         self.tile_size = settings.tile_size if tile_size is None else tile_size
@@ -99,11 +101,14 @@ class Segmenter:
         self.postprocess = dict(settings.postprocess) if postprocess is None else postprocess
         self.tta, self.batch_size = tta, batch_size
         self.precision, self.precision_is_auto = resolve_precision(precision), precision == "auto"
-        self.scale = settings.scale  # the model sees slices resampled by this factor
+        # The model sees slices resampled by this factor (another than the model's for slices of another
+        # pixel size: mito.model_files.scale_for_pixel_size).
+        self.scale = settings.scale if scale is None else scale
         config = settings.unet
         self.align = config.alignment
         if self.overlap >= self.tile_size:
             raise DataError(f"--overlap {self.overlap} must be smaller than --tile-size {self.tile_size}")
+        keep_freed_memory()  # large feature maps reuse pages instead of faulting in new ones
         model = with_precision(model, config, self.precision)
         if tta:  # each turn of a tile needs its own region, so TTA computes whole tiles
             self.predict_fn = with_tta(make_predict_fn(model))

@@ -86,3 +86,14 @@ def test_a_model_with_other_layer_names_is_predicted_whole_tile():
     assert LeanTilePredictor.can_run(unet.build_unet(config), config)
     segmenter = mito.segmenter.Segmenter(model, mito.model_files.default_settings(config))
     assert not isinstance(segmenter.predict_fn, LeanTilePredictor)
+
+
+def test_freed_memory_is_kept_for_reuse_where_glibc_allows_it():
+    import subprocess
+    import sys
+
+    # In a child: the setting is process-wide, and this is what a Segmenter asks for.
+    code = "import mito.memory, platform; print(mito.memory.keep_freed_memory(), platform.libc_ver()[0])"
+    kept, libc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=mito.segmenter.Path(__file__).parents[1]).stdout.split()
+    assert kept == ("True" if libc == "glibc" else "False")
