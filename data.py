@@ -410,6 +410,17 @@ def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
                    preserve_range=True).astype(np.float32)
 
 
+def rescale_raw(image: np.ndarray, scale: float) -> np.ndarray:
+    """A raw (y, x) slice resampled like ``rescale_image``, in its own dtype (integers rounded and clipped), so
+    that normalisation treats it as the original."""
+    image = np.asarray(image)
+    resampled = rescale_image(image, scale)
+    if np.issubdtype(image.dtype, np.integer):
+        limits = np.iinfo(image.dtype)
+        return np.clip(np.rint(resampled), limits.min, limits.max).astype(image.dtype)
+    return resampled.astype(image.dtype)
+
+
 def rescale_mask(mask: np.ndarray, scale: float) -> np.ndarray:
     """A (y, x) 0/1 mask resampled like ``rescale_image``: a pixel is foreground where most of it was."""
     if scale == 1:

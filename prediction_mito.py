@@ -52,8 +52,6 @@ def build_parser() -> Parser:
     parser.add_argument("--instances", action="store_true",
                         help="also write labelled mitochondria (<stem>_instances.tif, uint16) and measurements.csv "
                              "(one row per mitochondrion) and slices.csv (count, area fraction, mean size per slice)")
-    parser.add_argument("--pixel-size", type=positive_float,
-                        help="pixel size in nm: measurements also in nm and nm^2")
     parser.add_argument("--overlays", action="store_true",
                         help="also write <stem>_overlay.png (a stack: <stem>_overlay.tif, RGB): the mask outlined and "
                              "tinted on the EM image")
@@ -94,8 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         fill_unset(args, DEMO)
     if args.input is None:
         parser.error("--input is required (or use --demo)")
-    if args.pixel_size is not None and not (args.instances or args.labels_3d):
-        parser.error("--pixel-size gives the measurements of --instances in nm; add --instances or leave it out")
     args.model = args.model or DEFAULT_MODEL
     from mito.volume import is_zarr
 
@@ -148,7 +144,7 @@ def predict(args: argparse.Namespace) -> int:
 
     import data
     from mito.files import remove_stale_partials
-    from mito.model_files import load_model
+    from mito.model_files import at_scale, load_model
     from mito.prediction import input_images, shard_files
     from mito.segmenter import Segmenter
 
@@ -159,12 +155,13 @@ def predict(args: argparse.Namespace) -> int:
     if output.resolve() == base.resolve():
         raise data.DataError(f"{output}: refusing to write masks into the input folder; choose another --output")
     model, settings = load_model(args.model)
+    options = inference_options(args, settings)
     adaptation = None
     if args.adapt_batchnorm:  # on slices of the whole input, so that every shard adapts alike
         from mito.adaptation import adapt_to_input
 
-        adaptation = adapt_to_input(model, settings, every_image)
-    segmenter = Segmenter(model, settings, **inference_options(args, settings))
+        adaptation = adapt_to_input(model, at_scale(settings, options["scale"]), every_image)
+    segmenter = Segmenter(model, settings, **options)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -275,6 +272,7 @@ def write_run_record(output: Path, args, segmenter, adaptation: dict | None) -> 
         "model": str(resolve_model_path(args.model).resolve()),
         "input": str(Path(args.input).resolve()),
         "threshold": segmenter.threshold, "postprocess": segmenter.postprocess, "scale": segmenter.scale,
+        "pixel_size": args.pixel_size, "model_pixel_size": segmenter.settings.pixel_size,
         "tile_size": segmenter.tile_size, "overlap": segmenter.overlap, "batch_size": segmenter.batch_size,
         "precision": segmenter.precision, "tta": segmenter.tta, "adaptation": adaptation,
     })

@@ -57,17 +57,19 @@ def main(argv=None) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from mito.evaluation import score_split
-    from mito.model_files import load_model
+    from mito.model_files import at_scale, load_model
     from mito.segmenter import Segmenter
 
     model, settings = load_model(args.model)
+    options = inference_options(args, settings)
     adaptation = None
     if args.adapt_batchnorm:
         import data
         from mito.adaptation import adapt_to_input
 
-        adaptation = adapt_to_input(model, settings, [pair.image for pair in data.find_pairs(args.dataset, args.split)])
-    segmenter = Segmenter(model, settings, **inference_options(args, settings))
+        slices = [pair.image for pair in data.find_pairs(args.dataset, args.split)]
+        adaptation = adapt_to_input(model, at_scale(settings, options["scale"]), slices)
+    segmenter = Segmenter(model, settings, **options)
     score_split(segmenter, args.dataset, args.split, args.output, args.model, args.overlays, adaptation)
     return 0
 

@@ -61,6 +61,10 @@ def build_parser() -> Parser:
                       help="dataset root with train/ and valid/; several roots train one model on all of them, each "
                            "dataset drawn as often as the others whatever its size, and report the validation IoU "
                            f"of each {default('dataset')}")
+    data.add_argument("--pixel-size", type=positive_float, nargs="+", metavar="NM",
+                      help="nm per pixel of each --dataset (one value for all): datasets are resampled to the first's "
+                           "pixel size (with --init-from, to the parent's), and the model records it, so that test "
+                           "and prediction --pixel-size resample slices of another pixel size to it")
     data.add_argument("--normalization", choices=["percentile", "range"],
                       help="per-image 1-99.8 percentile stretch, or division by the dtype's maximum "
                            "(default: percentile)")
@@ -170,6 +174,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.demo and isinstance(args.dataset, list):
         parser.error("--demo trains on the one demo dataset; give several --dataset roots without --demo")
+    if args.pixel_size and not args.resume:
+        count = len(dataset_roots(args))
+        if len(args.pixel_size) not in (1, count):
+            parser.error(f"--pixel-size: give one value, or one per --dataset root ({count})")
+        args.pixel_size = args.pixel_size * count if len(args.pixel_size) == 1 else args.pixel_size
     if args.init_from and args.resume:
         parser.error("--resume continues a run as it was started, its --init-from parent included; leave out "
                      "--init-from")
@@ -238,6 +247,8 @@ def train(args: argparse.Namespace) -> int:
         model_path = scratch / model_path.name
         args.tensorboard = args.tensorboard and str(scratch / "tensorboard")
     parent = inherit_from_parent(args) if args.init_from and not state else None
+    if not state:
+        choose_model_pixel_size(args, parent[1] if parent else None)
     config = parent[1].unet if parent else unet_config(args)
     split = load_training_data(args, parent[1].normalization if parent else None)
     if not args.resume:
@@ -276,6 +287,16 @@ def inherit_from_parent(args):
         setattr(args, key, value)
     unet_config(args)  # the training tile on the parent's pooling grid
     return model, settings
+
+
+def choose_model_pixel_size(args, parent_settings) -> None:
+    """args.model_pixel_size: the nm per pixel every dataset is resampled to and the model records (the
+    parent's where it has one, else the first dataset's); None when --pixel-size is not given."""
+    parent_size = parent_settings.pixel_size if parent_settings is not None else None
+    args.model_pixel_size = (parent_size or args.pixel_size[0]) if args.pixel_size else None
+    if parent_size and not args.pixel_size:
+        print(f"note: {args.init_from} was trained at {parent_size:g} nm per pixel; give --pixel-size to resample "
+              "your slices to it (without it they are taken to have that pixel size)", file=sys.stderr)
 
 
 def parent_record(path) -> dict:
@@ -319,6 +340,9 @@ def load_training_data(args, normalization: dict | None = None) -> dict:
         normalization = dict(data.DEFAULT_NORMALIZATION) if args.normalization == "percentile" else {"mode": "range"}
     roots = dataset_roots(args)
     loaded = [(data.load_split(root, "train")[1:], data.load_split(root, "valid")[1:]) for root in roots]
+    if args.pixel_size:  # every dataset at the model's pixel size, before anything else sees it
+        loaded = [resample_dataset(root, splits, size, args.model_pixel_size)
+                  for root, splits, size in zip(roots, loaded, args.pixel_size)]
 
     def model_view(images, masks):  # what the network sees: normalised, resampled by --scale
         return ([data.rescale_image(data.normalize(image, normalization), args.scale) for image in images],
@@ -340,6 +364,18 @@ def load_training_data(args, normalization: dict | None = None) -> dict:
     split["valid_x"], split["valid_y"] = grid_tiles(*model_view(split["valid_raw"], split["valid_masks"]),
                                                     args.tile_size)
     return split
+
+
+def resample_dataset(root, splits, pixel_size: float, model_pixel_size: float):
+    """A dataset's (train, valid) (images, masks) resampled from ``pixel_size`` to ``model_pixel_size`` nm."""
+    import data
+
+    factor = pixel_size / model_pixel_size
+    if factor == 1:
+        return splits
+    print(f"Resampled   {root}: {pixel_size:g} nm to {model_pixel_size:g} nm per pixel (x{factor:g})")
+    return tuple(([data.rescale_raw(image, factor) for image in images],
+                  [data.rescale_mask(mask, factor) for mask in masks]) for images, masks in splits)
 
 
 def dataset_roots(args) -> list[str]:
@@ -449,6 +485,7 @@ def new_settings(args, config, run: dict, model_path: Path, normalization: dict)
         unet=config,
         normalization=normalization,
         scale=args.scale,
+        pixel_size=args.model_pixel_size,
         train_tile_size=args.tile_size,
         training={
             "dataset": (str(Path(args.dataset).resolve()) if isinstance(args.dataset, str)

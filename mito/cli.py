@@ -96,6 +96,10 @@ def add_inference_options(group) -> None:
                        help="adapt the model to these slices without labels before predicting: its batch-norm "
                             "statistics are re-estimated on up to 16 slices spread over the input (AdaBN), for EM "
                             "unlike the model's training data; recorded in the outputs (needs a batch-norm model)")
+    group.add_argument("--pixel-size", type=positive_float, metavar="NM",
+                       help="nm per pixel of these slices: a model that records the pixel size it was trained at "
+                            "sees them resampled to it (for prediction also the unit of the --instances "
+                            "measurements); without it slices are taken to have the model's pixel size")
     group.add_argument("--batch-size", type=positive_int, default=1, help="tiles per prediction batch (default: 1)")
     group.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="arithmetic of the forward pass (default: auto, which is bfloat16 on a CPU with bfloat16 "
@@ -120,7 +124,24 @@ def inference_options(args, settings) -> dict:
     if args.no_postprocess:
         postprocess = {}
     return dict(tile_size=args.tile_size, overlap=args.overlap, threshold=args.threshold, postprocess=postprocess,
-                tta=args.tta, batch_size=args.batch_size, precision=args.precision)
+                tta=args.tta, batch_size=args.batch_size, precision=args.precision,
+                scale=pixel_size_scale(args, settings))
+
+
+def pixel_size_scale(args, settings) -> float | None:
+    """The resampling that --pixel-size asks of a model with a recorded pixel size (None: the model's own)."""
+    from mito.model_files import scale_for_pixel_size
+
+    from mito.errors import ConfigError
+
+    pixel_size = getattr(args, "pixel_size", None)
+    if pixel_size is not None and settings.pixel_size is None:
+        if not (getattr(args, "instances", False) or getattr(args, "labels_3d", False)):
+            raise ConfigError(f"--pixel-size {pixel_size:g} has no effect: the model records no training pixel size "
+                              "to resample to, and there are no --instances to measure in nm; leave it out")
+        print(f"note: the model records no training pixel size: slices are not resampled, --pixel-size "
+              f"{pixel_size:g} gives the measurements' units", file=sys.stderr)
+    return scale_for_pixel_size(settings, pixel_size)
 
 
 def add_debug_option(parser) -> None:

@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from data import DEFAULT_NORMALIZATION, MAX_SCALE  # noqa: E402
-from mito.errors import ConfigError, ModelError, error_reason  # noqa: E402
+from mito.errors import ConfigError, DataError, ModelError, error_reason  # noqa: E402
 from mito.files import atomic_write, write_json  # noqa: E402
 from mito.tiling import round_up  # noqa: E402
 from unet import UNetConfig, build_unet, receptive_field  # noqa: E402
@@ -162,7 +162,9 @@ class Settings:
 
     unet: the architecture. normalization: how slices are mapped to [0, 1] before the network
     (``{"mode": "percentile", "low", "high"}`` or ``{"mode": "range"}``). scale: the resampling
-    of slices before the network (0.5 halves each side). tile_size, overlap: the prediction
+    of slices before the network (0.5 halves each side). pixel_size: the nm per pixel of the
+    slices it was trained on (before ``scale``), when the training was told; slices of another
+    pixel size are then resampled to it (``scale_for_pixel_size``). tile_size, overlap: the prediction
     tiles, in the pixels the network sees. threshold, postprocess: the tuned mask rule
     (``{"min_size", "max_hole"}`` in pixels). The rest records the training: its tile size,
     where the threshold was tuned and how well it did, the run (options, command, versions,
@@ -174,6 +176,7 @@ class Settings:
     unet: UNetConfig
     normalization: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     scale: float = 1.0
+    pixel_size: float | None = None  # nm per pixel of the training slices (before scale); None: not given
     tile_size: int | None = None  # None: DEFAULT_PREDICTION_TILE
     overlap: int | None = None  # None: default_overlap(unet), the overlap that reproduces whole-slice prediction
     threshold: float = 0.5
@@ -205,6 +208,8 @@ class Settings:
                 problems.append(f"{key}={value!r}: must be an integer >= {minimum}")
         if not _is_number(self.scale) or not 0 < self.scale <= MAX_SCALE:
             problems.append(f"scale={self.scale!r}: must be a number above 0 and at most {MAX_SCALE}")
+        if self.pixel_size is not None and (not _is_number(self.pixel_size) or not self.pixel_size > 0):
+            problems.append(f"pixel_size={self.pixel_size!r}: must be a positive number (nm) or null")
         if not _is_number(self.threshold) or not 0 < self.threshold < 1:
             problems.append(f"threshold={self.threshold!r}: must be a number between 0 and 1")
         if not isinstance(self.postprocess, dict) or any(
@@ -260,6 +265,25 @@ def default_settings(config: UNetConfig, normalization: dict | None = None, scal
     """Settings of a new model (threshold 0.5, no clean-up): what prediction uses for a model
     without a settings JSON, and where a model trained outside training_mito.py starts."""
     return Settings(unet=config, normalization=dict(normalization or DEFAULT_NORMALIZATION), scale=scale)
+
+
+def scale_for_pixel_size(settings: Settings, pixel_size: float | None) -> float | None:
+    """The resampling that shows the model slices of ``pixel_size`` nm as it saw its training slices:
+    ``settings.scale`` times ``pixel_size / settings.pixel_size``. None (the model's own scale) when either
+    pixel size is unknown. A DataError when the slices are too coarse or too fine for the model."""
+    if pixel_size is None or settings.pixel_size is None:
+        return None
+    scale = settings.scale * pixel_size / settings.pixel_size
+    if not 1 / 64 <= scale <= MAX_SCALE:
+        raise DataError(f"--pixel-size {pixel_size:g}: slices would be resampled x{scale:g} to the model's "
+                        f"{settings.pixel_size:g} nm pixels (x{settings.scale:g}); "
+                        f"only 1/64 to {MAX_SCALE:g} is supported")
+    return scale
+
+
+def at_scale(settings: Settings, scale: float | None) -> Settings:
+    """``settings`` with the resampling ``scale`` (unchanged when None)."""
+    return settings if scale is None else dataclasses.replace(settings, scale=scale)
 
 
 def default_overlap(config: UNetConfig) -> int:

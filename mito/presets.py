@@ -90,7 +90,8 @@ RUN_OPTIONS = (
     "monitor", "patience", "seed", "deterministic", "xla", "scale",
     "init_from",  # the parent model of a fine-tuning run, or None
     "precision",  # the training arithmetic; runs saved before it existed used float32
+    "pixel_size", "model_pixel_size",  # each dataset's nm per pixel and the one they were resampled to, or None
 )
 # What runs saved before an option existed used.
 RESUME_DEFAULTS = {"augment": "keras", "geometry": "affine", "xla": False, "scale": 1.0, "init_from": None,
-                   "precision": "float32"}
+                   "precision": "float32", "pixel_size": None, "model_pixel_size": None}

@@ -66,14 +66,16 @@ def test_options_that_cannot_take_effect_are_one_line_errors(options, message):
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_a_pixel_size_without_instances_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "prediction_mito.py"), "--input", str(tmp_path),
-                             "--pixel-size", "5"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                            capture_output=True, text=True, timeout=120)
+def test_a_pixel_size_that_cannot_take_effect_is_a_one_line_error(tiny_model, small_dataset, tmp_path):
+    # The model records no training pixel size, and there are no --instances to measure in nm.
+    result = subprocess.run([sys.executable, str(REPO / "prediction_mito.py"), "--input",
+                             str(small_dataset / "unlabeled"), "--model", str(tiny_model), "--output",
+                             str(tmp_path / "out"), "--pixel-size", "5"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--pixel-size gives the measurements of --instances in nm" in lines[0], lines
-    assert not (tmp_path / "predictions").exists()
+    assert len(lines) == 1 and "--pixel-size 5 has no effect" in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_pipeline_benchmark_prints_one_json_line_per_measurement(small_dataset, capsys):

@@ -304,6 +304,51 @@ def test_several_datasets_train_one_model_and_are_scored_each(small_dataset, dem
     assert mito.model_files.load_model(path)[1].training["dataset"] == settings.training["dataset"]
 
 
+def test_datasets_of_other_pixel_sizes_are_resampled_and_the_model_records_its_own(small_dataset, demo_dataset,
+                                                                                   tmp_path, capsys):
+    import prediction_mito
+
+    path = tmp_path / "sized.h5"
+    assert training_mito.main(["--dataset", str(small_dataset), str(demo_dataset), "--pixel-size", "8", "4",
+                               "--model", str(path), *TINY_TRAINING]) == 0
+    printed = capsys.readouterr().out
+    assert f"Resampled   {demo_dataset}: 4 nm to 8 nm per pixel (x0.5)" in printed
+    assert f"Resampled   {small_dataset}" not in printed  # the first dataset sets the pixel size
+    _, settings = mito.model_files.load_model(path)
+    assert settings.pixel_size == 8 and settings.training["options"]["pixel_size"] == [8, 4]
+    # Slices of 4 nm are shown to the model at its 8 nm (x0.5 on top of its own scale), at their own size out.
+    output = tmp_path / "out"
+    assert prediction_mito.main(["--input", str(demo_dataset / "unlabeled"), "--model", str(path),
+                                 "--output", str(output), "--pixel-size", "4"]) == 0
+    record = json.loads((output / "prediction.json").read_text())
+    assert record["scale"] == settings.scale * 0.5 and record["pixel_size"] == 4
+    mask = next(output.glob("*.png"))
+    assert data_shape(mask) == data_shape(next((demo_dataset / "unlabeled").iterdir()))
+
+
+def test_pixel_sizes_must_match_the_datasets(small_dataset, demo_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training_mito.main(["--dataset", str(small_dataset), str(demo_dataset), "--pixel-size", "8", "4", "2",
+                            "--model", str(tmp_path / "m.h5")])
+    assert exit_info.value.code == 2
+    assert "--pixel-size: give one value, or one per --dataset root (2)" in capsys.readouterr().err
+
+
+def test_a_raw_slice_is_resampled_in_its_own_dtype():
+    import data
+
+    image = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    half = data.rescale_raw(image, 0.5)
+    assert half.dtype == np.uint16 and half.shape == (32, 24)
+    assert abs(float(half.mean()) - float(image.mean())) < 0.01 * float(image.mean())
+
+
+def data_shape(path):
+    import data
+
+    return data.read_image(path).shape
+
+
 @pytest.mark.parametrize("engine", ["keras", "fast"])
 def test_a_small_dataset_is_drawn_as_often_as_a_large_one(engine):
     import mito.augmentation
