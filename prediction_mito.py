@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from mito.cli import (Parser, add_debug_option, add_inference_options, fill_unset, inference_options,  # noqa: E402
-                      positive_float, positive_int, run_cli, shard_option)
+                      positive_int, run_cli, shard_option)
 
 PROG = "prediction_mito.py"
 DEFAULT_MODEL = "models/unet_mito.h5"

@@ -365,6 +365,7 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     layout = mito.tiling.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     segmenter.probability(image[: layout.tile_shape[0], : layout.tile_shape[1]])  # warm up the tile shape
     large_rate = timed(segmenter.probability, image)[0] / (image.size / 1e6)
+    tile_seconds = interior_tile_seconds(segmenter, model, layout, image, args.repeats)
     small_layout = mito.tiling.tile_layout(small[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     computed = [len(each.tiles) * each.tile_shape[0] * each.tile_shape[1] / area
                 for each, area in ((small_layout, small[0].size), (layout, image.size))]
@@ -390,9 +391,28 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
                        "timed_repetitions": {"large": 1, "small": args.repeats},
                        "time_per_mpx_vs_small": round(rate / small_rate, 3),
                        "computed_px_per_image_px": round(computed[1], 3),
+                       # one inner tile of the large slice: the whole U-Net, and its decoder cropped (the default)
+                       "inner_tile_s": tile_seconds,
                        f"computed_px_per_image_px_{args.size}": round(computed[0], 3)}
         results.append(record)
     return results
+
+
+def interior_tile_seconds(segmenter, model, layout, image, repeats: int) -> dict:
+    """Seconds for the inner tile of ``layout`` whose kept part lies farthest from the image's edges: the whole
+    network, and the decoder cropped to the kept part (what prediction runs); each the median of ``repeats``."""
+    import numpy as np
+
+    tile = max(layout.tiles, key=lambda each: min(each.keep[0].start, each.keep[1].start))
+    batch = np.ascontiguousarray(mito.tiling.read_tile(image, tile.read, (0, 0))[None, ..., None], np.float32)
+    needed = tuple((part.start, part.stop) for part in tile.keep)
+    whole = mito.segmenter.make_predict_fn(mito.segmenter.with_precision(model, segmenter.settings.unet,
+                                                                         segmenter.precision))
+    figures = {}
+    for name, call in (("whole_network", lambda: whole(batch)),
+                       ("decoder_cropped", lambda: segmenter.predict_fn(batch, needed))):
+        figures[name] = round(steady_seconds(call, repeats)[0], 3)
+    return figures | {"kept_px": int(np.prod([stop - start for start, stop in needed]))}
 
 
 def run(args) -> int:

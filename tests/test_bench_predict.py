@@ -59,3 +59,4 @@ def test_large_slice_scaling_alone_skips_the_memory_runs(capsys):
     assert len(records) == 1 and "512x512 PNG" in records[0]["input"]
     assert "peak_rss_mb" not in records[0] and records[0]["time_per_mpx_vs_small"] > 0
     assert records[0]["precision"] in ("float32", "bfloat16")
+    assert set(records[0]["inner_tile_s"]) == {"whole_network", "decoder_cropped", "kept_px"}
