@@ -55,9 +55,21 @@ def parse_args(argv=None):
     parser.add_argument("--training-options", default="",
                         help="options added to every training command, e.g. \"--epochs 1 --steps-per-epoch 5\" "
                              "for a quick check of the benchmark itself")
+    parser.add_argument("--pixel-sizes", type=float, nargs=2, metavar=("PARENT_NM", "NEW_NM"),
+                        help="nm per pixel of the two datasets: every training and scoring command gets its "
+                             "dataset's --pixel-size (a --parent model must record its own)")
     parser.add_argument("--skip", nargs="+", default=[], choices=["all-slices", "reverse"],
                         help="leave out the rows on all slices, or the reverse direction")
     return parser.parse_args(argv)
+
+
+SIZES: dict = {}  # dataset root -> its --pixel-size options (empty without --pixel-sizes)
+
+
+def dataset_source(subset_root: Path) -> Path | None:
+    """The dataset a subset made by ``subset`` links to (its test split is a link to the source's)."""
+    test = subset_root / "test"
+    return test.resolve().parent if test.is_symlink() else None
 
 
 def spread(items: list, count: int) -> list:
@@ -102,7 +114,9 @@ def train(model: Path, arguments: list[str], extra: str = "") -> float | None:
     """Train ``model`` unless it exists; the wall time, or None for a model trained before."""
     if model.exists():
         return None
-    return run_script(["training_mito.py", "--model", str(model), *arguments, *shlex.split(extra)],
+    dataset = Path(arguments[arguments.index("--dataset") + 1])
+    sizes = SIZES.get(dataset.resolve()) or SIZES.get(dataset_source(dataset), [])
+    return run_script(["training_mito.py", "--model", str(model), *arguments, *sizes, *shlex.split(extra)],
                       model.with_suffix(".log"))
 
 
@@ -111,7 +125,7 @@ def score(model: Path, dataset: Path, name: str, work: Path, options: list[str])
     output = work / "scores" / name
     if not (output / "summary.json").exists():
         run_script(["test_mito.py", "--model", str(model), "--dataset", str(dataset), "--output", str(output),
-                    "--precision", "float32", *options], work / "scores" / f"{name}.log")
+                    "--precision", "float32", *SIZES.get(dataset.resolve(), []), *options], work / "scores" / f"{name}.log")
     return json.loads((output / "summary.json").read_text())["mean"]
 
 
@@ -134,10 +148,19 @@ def row(table: list, name: str, slices, model: Path, dataset: Path, work: Path, 
     print(" | ".join(table[-1]), flush=True)
 
 
+def pixel_size_options(args, dataset_kind: str) -> list[str]:
+    """``--pixel-size`` of the parent's or the new dataset, when --pixel-sizes gives them."""
+    if not args.pixel_sizes:
+        return []
+    return ["--pixel-size", f"{args.pixel_sizes[0 if dataset_kind == 'parent' else 1]:g}"]
+
+
 def run(args) -> int:
     work = Path(args.work)
     (work / "scores").mkdir(parents=True, exist_ok=True)
     parent_data, new_data = Path(args.parent_dataset), Path(args.new_dataset)
+    SIZES.update({parent_data.resolve(): pixel_size_options(args, "parent"),
+                  new_data.resolve(): pixel_size_options(args, "new")})
     parent = Path(args.parent) if args.parent else work / "parent_cpu.h5"
     train(parent, ["--dataset", str(parent_data), "--preset", "cpu"], args.training_options)
     finetune = PRESETS["finetune"]

@@ -117,6 +117,10 @@ def fill_unset(args, values: dict) -> None:
 def inference_options(args, settings) -> dict:
     """The Segmenter's keyword arguments from the inference options; None leaves the model's value."""
     postprocess = dict(settings.postprocess)
+    pixel_size = getattr(args, "pixel_size", None)
+    if pixel_size and settings.pixel_size:  # the tuned sizes are in the training slices' pixels: same area in nm²
+        area_factor = (settings.pixel_size / pixel_size) ** 2
+        postprocess = {key: round(value * area_factor) for key, value in postprocess.items()}
     if args.min_size is not None:
         postprocess["min_size"] = args.min_size
     if args.max_hole is not None:
@@ -130,8 +134,6 @@ def inference_options(args, settings) -> dict:
 
 def pixel_size_scale(args, settings) -> float | None:
     """The resampling that --pixel-size asks of a model with a recorded pixel size (None: the model's own)."""
-    from mito.model_files import scale_for_pixel_size
-
     from mito.errors import ConfigError
 
     pixel_size = getattr(args, "pixel_size", None)
@@ -141,7 +143,7 @@ def pixel_size_scale(args, settings) -> float | None:
                               "to resample to, and there are no --instances to measure in nm; leave it out")
         print(f"note: the model records no training pixel size: slices are not resampled, --pixel-size "
               f"{pixel_size:g} gives the measurements' units", file=sys.stderr)
-    return scale_for_pixel_size(settings, pixel_size)
+    return settings.scale_for_pixel_size(pixel_size)
 
 
 def add_debug_option(parser) -> None:

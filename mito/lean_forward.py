@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from unet import UNetConfig
+# ``config`` below is a unet.UNetConfig (not imported: nothing here needs more than its fields).
 
 
-def decoder_reach(config: UNetConfig, level: int) -> int:
+def decoder_reach(config, level: int) -> int:
     """How far (full-resolution pixels) a change in the input of decoder ``level`` can move the output.
 
     Per level j <= ``level`` at stride s = 2**j: the 2x upsampling (up to s, by phase),
@@ -28,7 +28,7 @@ def decoder_reach(config: UNetConfig, level: int) -> int:
     return sum(4 * 2**j for j in range(level + 1)) + (1 if config.head_filters else 0)
 
 
-def decoder_crops(config: UNetConfig, needed_from_border: int) -> list[int]:
+def decoder_crops(config, needed_from_border: int) -> list[int]:
     """Per decoder level (0 = full resolution), how many full-resolution pixels to crop on a side
     whose first needed output pixel lies ``needed_from_border`` pixels in.
 
@@ -41,7 +41,7 @@ def decoder_crops(config: UNetConfig, needed_from_border: int) -> list[int]:
     return crops
 
 
-def layer_names(config: UNetConfig) -> set[str]:
+def layer_names(config) -> set[str]:
     """The names of the layers this forward pass calls, as ``unet.build_unet`` names them."""
     block = ["conv1", "conv2"] + (["bn1", "relu1", "bn2", "relu2"] if config.batch_norm else [])
     prefixes = [f"enc{level}" for level in range(config.depth)] + ["bottleneck"]
@@ -68,7 +68,7 @@ class LeanTilePredictor:
 
     takes_needed_region = True  # mito.tiling.predict_tiled passes the kept part of each batch
 
-    def __init__(self, model: tf.keras.Model, config: UNetConfig):
+    def __init__(self, model: tf.keras.Model, config):
         self.model, self.config = model, config
         self._infer = tf.function(
             self._forward,
@@ -78,7 +78,7 @@ class LeanTilePredictor:
         )
 
     @staticmethod
-    def can_run(model: tf.keras.Model, config: UNetConfig) -> bool:
+    def can_run(model: tf.keras.Model, config) -> bool:
         """Whether ``model`` has the layers ``unet.build_unet`` names for ``config``."""
         return {layer.name for layer in model.layers} >= layer_names(config)
 

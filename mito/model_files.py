@@ -164,7 +164,7 @@ class Settings:
     (``{"mode": "percentile", "low", "high"}`` or ``{"mode": "range"}``). scale: the resampling
     of slices before the network (0.5 halves each side). pixel_size: the nm per pixel of the
     slices it was trained on (before ``scale``), when the training was told; slices of another
-    pixel size are then resampled to it (``scale_for_pixel_size``). tile_size, overlap: the prediction
+    pixel size are then resampled to it (``Settings.scale_for_pixel_size``). tile_size, overlap: the prediction
     tiles, in the pixels the network sees. threshold, postprocess: the tuned mask rule
     (``{"min_size", "max_hole"}`` in pixels). The rest records the training: its tile size,
     where the threshold was tuned and how well it did, the run (options, command, versions,
@@ -218,6 +218,18 @@ class Settings:
             problems.append(f"postprocess={self.postprocess!r}: min_size and max_hole must be integers >= 0")
         return problems
 
+    def scale_for_pixel_size(self, pixel_size: float | None) -> float | None:
+        """The resampling that shows the model slices of ``pixel_size`` nm as it saw its training slices:
+        ``scale`` times ``pixel_size / self.pixel_size``. None (the model's own scale) when either pixel size is
+        unknown. A DataError when the slices are too coarse or too fine for the model."""
+        if pixel_size is None or self.pixel_size is None:
+            return None
+        scale = self.scale * pixel_size / self.pixel_size
+        if not 1 / 64 <= scale <= MAX_SCALE:
+            raise DataError(f"--pixel-size {pixel_size:g}: slices would be resampled x{scale:g} to the model's "
+                            f"{self.pixel_size:g} nm pixels (x{self.scale:g}); only 1/64 to {MAX_SCALE:g} is supported")
+        return scale
+
     def to_json(self) -> dict:
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return {"format": values.pop("format"), **values, "unet": self.unet.to_dict()}
@@ -265,20 +277,6 @@ def default_settings(config: UNetConfig, normalization: dict | None = None, scal
     """Settings of a new model (threshold 0.5, no clean-up): what prediction uses for a model
     without a settings JSON, and where a model trained outside training_mito.py starts."""
     return Settings(unet=config, normalization=dict(normalization or DEFAULT_NORMALIZATION), scale=scale)
-
-
-def scale_for_pixel_size(settings: Settings, pixel_size: float | None) -> float | None:
-    """The resampling that shows the model slices of ``pixel_size`` nm as it saw its training slices:
-    ``settings.scale`` times ``pixel_size / settings.pixel_size``. None (the model's own scale) when either
-    pixel size is unknown. A DataError when the slices are too coarse or too fine for the model."""
-    if pixel_size is None or settings.pixel_size is None:
-        return None
-    scale = settings.scale * pixel_size / settings.pixel_size
-    if not 1 / 64 <= scale <= MAX_SCALE:
-        raise DataError(f"--pixel-size {pixel_size:g}: slices would be resampled x{scale:g} to the model's "
-                        f"{settings.pixel_size:g} nm pixels (x{settings.scale:g}); "
-                        f"only 1/64 to {MAX_SCALE:g} is supported")
-    return scale
 
 
 def at_scale(settings: Settings, scale: float | None) -> Settings:

@@ -102,7 +102,7 @@ class Segmenter:
         self.tta, self.batch_size = tta, batch_size
         self.precision, self.precision_is_auto = resolve_precision(precision), precision == "auto"
         # The model sees slices resampled by this factor (another than the model's for slices of another
-        # pixel size: mito.model_files.scale_for_pixel_size).
+        # pixel size: mito.model_files.Settings.scale_for_pixel_size).
         self.scale = settings.scale if scale is None else scale
         config = settings.unet
         self.align = config.alignment

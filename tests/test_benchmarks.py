@@ -70,6 +70,18 @@ def test_own_data_benchmark_trains_and_scores_every_row(learned_model, demo_data
     assert len(list((small_dataset / "train" / "images").iterdir())) == 2  # the originals untouched
 
 
+def test_own_data_benchmark_gives_each_dataset_and_its_subsets_their_pixel_size(small_dataset, tmp_path):
+    own_data = load_script("benchmarks/own_data.py")
+    args = own_data.parse_args(["--parent-dataset", "p", "--new-dataset", str(small_dataset), "--pixel-sizes", "7.5",
+                                "5"])
+    assert own_data.pixel_size_options(args, "parent") == ["--pixel-size", "7.5"]
+    assert own_data.pixel_size_options(args, "new") == ["--pixel-size", "5"]
+    one_slice = own_data.subset(small_dataset, 1, tmp_path / "new_1")
+    assert own_data.dataset_source(one_slice) == small_dataset.resolve()  # so its training gets 5 nm too
+    assert own_data.pixel_size_options(own_data.parse_args(["--parent-dataset", "p", "--new-dataset", "n"]),
+                                       "new") == []
+
+
 def test_precision_agreement_compares_bfloat16_with_float32(learned_model, demo_dataset, capsys):
     agreement = load_script("benchmarks/precision_agreement.py")
     assert agreement.main(["--dataset", str(demo_dataset), "--model", str(learned_model)]) == 0

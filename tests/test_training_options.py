@@ -322,8 +322,16 @@ def test_datasets_of_other_pixel_sizes_are_resampled_and_the_model_records_its_o
                                  "--output", str(output), "--pixel-size", "4"]) == 0
     record = json.loads((output / "prediction.json").read_text())
     assert record["scale"] == settings.scale * 0.5 and record["pixel_size"] == 4
+    # The tuned clean-up keeps its size in nm²: four times the pixels of 4 nm slices.
+    assert record["postprocess"] == {key: value * 4 for key, value in settings.postprocess.items()}
     mask = next(output.glob("*.png"))
     assert data_shape(mask) == data_shape(next((demo_dataset / "unlabeled").iterdir()))
+    import test_mito
+
+    capsys.readouterr()
+    assert test_mito.main(["--dataset", str(demo_dataset), "--model", str(path), "--pixel-size", "4",
+                           "--output", str(tmp_path / "scores")]) == 0
+    assert f"slices resampled x{settings.scale * 0.5:g}" in capsys.readouterr().out
 
 
 def test_pixel_sizes_must_match_the_datasets(small_dataset, demo_dataset, tmp_path, capsys):
