@@ -4,7 +4,7 @@ glibc hands every block above its mmap threshold (at most 32 MB) straight back t
 freed. A U-Net on a large tile allocates and frees maps of hundreds of MB at every layer, so each layer's
 output is written into fresh pages that the kernel must first zero and map, a tenth of prediction's time or
 more (benchmarks/RESULTS.md). Serving large blocks from the heap and not trimming it reuses those pages; the
-peak memory stays what it was, but it is not returned until the process ends.
+peak memory stays about what it was, but it is not returned until the process ends.
 """
 
 from __future__ import annotations
