@@ -129,6 +129,12 @@ def predict_volume(args: argparse.Namespace) -> int:
     from mito.volume_run import predict_volume as run
 
     model, settings = load_model(args.model)
+    if args.pixel_size is None and settings.pixel_size:  # a model that knows its pixel size, a volume that says its
+        from mito.volume import open_volume, pixel_size_nm
+
+        args.pixel_size = pixel_size_nm(open_volume(args.input, args.array))
+        if args.pixel_size:
+            print(f"Pixel size  {args.pixel_size:g} nm, from {args.input}'s OME metadata")
     options = inference_options(args, settings)
     segmenter = Segmenter(model, settings, **options)
     options["precision"] = segmenter.precision  # chosen here once: every worker computes alike

@@ -223,6 +223,17 @@ def open_output(path: str):
     return zarr.open_array(path, mode="r+")
 
 
+NANOMETRES_PER_UNIT = {"picometer": 1e-3, "angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6}
+
+
+def pixel_size_nm(volume: Volume) -> float | None:
+    """The y-x pixel size in nm from the OME metadata; None without a length unit or with unequal y and x."""
+    factor = NANOMETRES_PER_UNIT.get(volume.unit)
+    if factor is None or volume.scale[1] != volume.scale[2]:
+        return None
+    return volume.scale[2] * factor
+
+
 def multiscales(name: str, levels: list[str], factors: list[int], scale, unit: str | None) -> list[dict]:
     """The OME-NGFF 0.4 ``multiscales`` attribute of a z-y-x image: one dataset per level, each ``factors[i]``
     times coarser in y and x than the pixel size ``scale`` (z, y, x)."""

@@ -237,6 +237,26 @@ def check_labels(output: Path, masks: np.ndarray) -> None:
     assert any(node.load(Label) is not None for node in nodes)  # ome-zarr-py reads it as a label image
 
 
+def test_a_model_that_knows_its_pixel_size_reads_the_volumes_own(tiny_model, ome_input, volume, cluster, tmp_path,
+                                                                 capsys):
+    import json
+    import shutil
+
+    sized = tmp_path / "sized.h5"  # the tiny model, trained at 8 nm pixels as far as its JSON says
+    shutil.copy(tiny_model, sized)
+    values = json.loads(tiny_model.with_suffix(".json").read_text()) | {"pixel_size": 8.0}
+    sized.with_suffix(".json").write_text(json.dumps(values))
+    assert predict(ome_input, sized, tmp_path / "out", "--scheduler", cluster.scheduler_address) == 0
+    printed = capsys.readouterr().out
+    assert "Pixel size  4 nm, from" in printed and "slices resampled x0.5" in printed
+    # Exactly what whole slices give at half scale, with the clean-up sizes in nm² (4 times the pixels).
+    model, settings = mito.model_files.load_model(sized)
+    segmenter = mito.segmenter.Segmenter(model, settings, scale=0.5,
+                                         postprocess={key: value * 4 for key, value in settings.postprocess.items()})
+    masks = np.stack([segmenter.segment(page)[1] for page in volume]).astype(np.uint8) * 255
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out" / "cells.zarr"), mode="r")["0"][:], masks)
+
+
 def test_plain_zarr_v3_2d_arrays_and_named_arrays(tiny_model, volume, expected, cluster, tmp_path, capsys):
     single = zarr.create_array(str(tmp_path / "slice.zarr"), data=volume[0], chunks=(64, 64), zarr_format=3)
     assert single.metadata.zarr_format == 3
