@@ -7,7 +7,7 @@ output: at full resolution a few pixels, at level k about ``4 * 2**(k+1)``. So t
 feature maps entering each decoder level, and the skip joined to them, are cropped to
 the part that can still reach the kept output. The kept output is the same as the
 whole tile's (same weights, same arithmetic), and about two thirds of a U-Net's
-work, its decoder, stops paying for the margins. tests/test_tiling.py checks the
+work, its decoder, stops paying for the margins. tests/test_lean_forward.py checks the
 kept region against the full network, margins at the receptive-field reach.
 """
 
