@@ -296,7 +296,7 @@ def choose_model_pixel_size(args, parent_settings) -> None:
     args.model_pixel_size = (parent_size or args.pixel_size[0]) if args.pixel_size else None
     if parent_size and not args.pixel_size:
         print(f"note: {args.init_from} was trained at {parent_size:g} nm per pixel; give --pixel-size to resample "
-              "your slices to it (without it they are taken to have that pixel size)", file=sys.stderr)
+              "your slices to it (without it nothing is resampled and this model records no pixel size)", file=sys.stderr)
 
 
 def parent_record(path) -> dict:

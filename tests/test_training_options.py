@@ -334,6 +334,21 @@ def test_datasets_of_other_pixel_sizes_are_resampled_and_the_model_records_its_o
     assert f"slices resampled x{settings.scale * 0.5:g}" in capsys.readouterr().out
 
 
+def test_the_model_pixel_size_is_the_parents_then_the_first_datasets(capsys):
+    import argparse
+
+    from mito.model_files import Settings
+
+    parent = Settings(unet=unet.UNetConfig(), pixel_size=7.5)
+    cases = [(parent, [5.0, 4.0], 7.5), (None, [5.0, 4.0], 5.0), (None, None, None), (parent, None, None)]
+    for parent_settings, sizes, expected in cases:
+        args = argparse.Namespace(pixel_size=sizes, init_from="parent.h5")
+        training_mito.choose_model_pixel_size(args, parent_settings)
+        assert args.model_pixel_size == expected
+    # A parent with a pixel size and none given: nothing is resampled, and the user is told how to.
+    assert "parent.h5 was trained at 7.5 nm per pixel; give --pixel-size" in capsys.readouterr().err
+
+
 def test_pixel_sizes_must_match_the_datasets(small_dataset, demo_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         training_mito.main(["--dataset", str(small_dataset), str(demo_dataset), "--pixel-size", "8", "4", "2",
