@@ -51,6 +51,16 @@ positive_float = _number(float, lambda value: value > 0, "a positive number", "a
 scale_factor = _number(float, lambda value: 0 < value <= 4, "a number", "above 0 and at most 4 (the largest scale)")
 
 
+def tile_size(text: str) -> int | str:
+    """--tile-size: a positive integer, or 'auto' (sized to the memory budget, mito.tile_memory)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 probability = _number(float, lambda value: 0 < value < 1, "a number between 0 and 1",
                       "between 0 and 1 (exclusive)")
 
@@ -78,9 +88,10 @@ def devices_option(text: str) -> str:
 
 def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
-    group.add_argument("--tile-size", type=positive_int,
-                       help="tile side for prediction, in the pixels the model sees (default: the model's; 1280 "
-                            "for new models)")
+    group.add_argument("--tile-size", type=tile_size,
+                       help="tile side for prediction, in the pixels the model sees, or 'auto': the largest tile "
+                            "whose forward pass fits in about 1.25 GB, at least 1280 (default: the model's; auto "
+                            "for models trained since it exists, 1280 for older ones)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")
     group.add_argument("--threshold", type=probability,

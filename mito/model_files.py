@@ -120,11 +120,6 @@ def load_model(path: str | os.PathLike) -> tuple[tf.keras.Model, Settings]:
     return model, settings
 
 
-# Slices up to 1280 px (1024 x 1024 included) are one bare prediction; larger ones are cut into tiles that
-# overlap by the default 2 x 128 px of a depth-4 U-Net (benchmarks/bench_predict.py measures the trade-off).
-DEFAULT_PREDICTION_TILE = 1280
-
-
 def settings_path(model_path: str | os.PathLike) -> Path:
     """The settings JSON that belongs to a ``.h5`` model: same folder, same stem."""
     return Path(model_path).with_suffix(".json")
@@ -165,7 +160,8 @@ class Settings:
     of slices before the network (0.5 halves each side). pixel_size: the nm per pixel of the
     slices it was trained on (before ``scale``), when the training was told; slices of another
     pixel size are then resampled to it (``Settings.scale_for_pixel_size``). tile_size, overlap: the prediction
-    tiles, in the pixels the network sees. threshold, postprocess: the tuned mask rule
+    tiles, in the pixels the network sees (tile_size None: as large as the memory budget allows,
+    ``mito.tile_memory``). threshold, postprocess: the tuned mask rule
     (``{"min_size", "max_hole"}`` in pixels). The rest records the training: its tile size,
     where the threshold was tuned and how well it did, the run (options, command, versions,
     best epoch, seconds), the history per epoch, and the names of its log and curves files.
@@ -177,7 +173,7 @@ class Settings:
     normalization: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
     scale: float = 1.0
     pixel_size: float | None = None  # nm per pixel of the training slices (before scale); None: not given
-    tile_size: int | None = None  # None: DEFAULT_PREDICTION_TILE
+    tile_size: int | None = None  # None: sized to memory at prediction (mito.tile_memory.auto_tile_size)
     overlap: int | None = None  # None: default_overlap(unet), the overlap that reproduces whole-slice prediction
     threshold: float = 0.5
     postprocess: dict = dataclasses.field(default_factory=lambda: {"min_size": 0, "max_hole": 0})
@@ -191,8 +187,6 @@ class Settings:
     format: str = FORMAT
 
     def __post_init__(self):
-        if self.tile_size is None:
-            self.tile_size = DEFAULT_PREDICTION_TILE
         if self.overlap is None and isinstance(self.unet, UNetConfig):
             self.overlap = default_overlap(self.unet)
 
@@ -204,6 +198,8 @@ class Settings:
         problems += _normalization_errors(self.normalization)
         for key, minimum in (("tile_size", 1), ("overlap", 0)):
             value = getattr(self, key)
+            if key == "tile_size" and value is None:
+                continue
             if not _is_int(value) or value < minimum:
                 problems.append(f"{key}={value!r}: must be an integer >= {minimum}")
         if not _is_number(self.scale) or not 0 < self.scale <= MAX_SCALE:

@@ -20,6 +20,7 @@ from mito.cleanup import postprocess  # noqa: E402
 from mito.errors import ConfigError, DataError  # noqa: E402
 from mito.lean_forward import LeanTilePredictor  # noqa: E402
 from mito.memory import keep_freed_memory  # noqa: E402
+from mito.tile_memory import auto_tile_size  # noqa: E402
 from mito.tiling import predict_tiled, with_tta  # noqa: E402
 from unet import UNetConfig, build_unet  # noqa: E402
 
@@ -95,7 +96,6 @@ class Segmenter:
                  tta: bool = False, batch_size: int = 1, precision: str = "float32", scale: float | None = None):
         self.settings = settings  # a mito.model_files.Settings
         self.normalization = settings.normalization
-        self.tile_size = settings.tile_size if tile_size is None else tile_size
         self.overlap = settings.overlap if overlap is None else overlap
         self.threshold = settings.threshold if threshold is None else threshold
         self.postprocess = dict(settings.postprocess) if postprocess is None else postprocess
@@ -106,6 +106,10 @@ class Segmenter:
         self.scale = settings.scale if scale is None else scale
         config = settings.unet
         self.align = config.alignment
+        # None or 'auto' (the model's JSON or --tile-size): the largest tile that fits the memory budget.
+        requested = settings.tile_size if tile_size is None else tile_size
+        self.tile_size_is_auto = requested in (None, "auto")
+        self.tile_size = auto_tile_size(config, self.precision, batch_size) if self.tile_size_is_auto else requested
         if self.overlap >= self.tile_size:
             raise DataError(f"--overlap {self.overlap} must be smaller than --tile-size {self.tile_size}")
         keep_freed_memory()  # large feature maps reuse pages instead of faulting in new ones
@@ -162,7 +166,8 @@ class Segmenter:
     def describe(self) -> str:
         post = self.postprocess or {}
         return (f"threshold {self.threshold:.2f}, objects >= {post.get('min_size', 0)} px, holes <= "
-                f"{post.get('max_hole', 0)} px filled, tiles {self.tile_size}px with overlap {self.overlap}px"
+                f"{post.get('max_hole', 0)} px filled, tiles {self.tile_size}px"
+                + (" (sized to memory)" if self.tile_size_is_auto else "") + f" with overlap {self.overlap}px"
                 + (f", batches of {self.batch_size}" if self.batch_size > 1 else "")
                 + (f", {self.precision}" if self.precision != "float32" or self.precision_is_auto else "")
                 + (" (--precision auto)" if self.precision_is_auto else "")
