@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mito.stack_writer import StackWriter  # noqa: E402
-from mito.cli import Parser, positive_int, run_cli  # noqa: E402
+from mito.cli import Parser, positive_int, run_cli, tile_size  # noqa: E402
 import mito.demo  # noqa: E402
 import mito.files  # noqa: E402
 import mito.model_files  # noqa: E402
@@ -64,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed passes over the slices, after an untimed warm-up pass; each figure is their "
                              "median (default: %(default)s)")
-    parser.add_argument("--tile-size", type=positive_int, help="tile side (default: the model's default)")
+    parser.add_argument("--tile-size", type=tile_size,
+                        help="tile side, or 'auto' (default: the model's: sized to memory)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="tiles per batch")
     parser.add_argument("--naive-tile", type=positive_int, default=256, help="tile side of the naive loop")
     parser.add_argument("--naive-stride", type=positive_int, default=128,
@@ -72,8 +73,15 @@ def parse_args(argv=None):
     parser.add_argument("--naive-tiles", type=positive_int, default=6, help="naive tiles actually timed")
     parser.add_argument("--sizes", type=positive_int, nargs="*",
                         help="sides of the large slices of the memory test; none: skip it (default: 8192; quick: 512)")
+    parser.add_argument("--large-repeats", type=positive_int,
+                        help="timed passes over each large slice, after its tile shape was warmed up; the figure "
+                             "is their median, so that the first pass's page faults on the slice's buffers do not "
+                             "count (default: 3, quick: 1; a pass of 8192 px takes 25 s with 16 filters, 6 "
+                             "min with 64)")
     parser.add_argument("--stack-pages", type=positive_int, default=2, help="pages of the large TIFF stack")
     parser.add_argument("--memory-filters", type=positive_int, default=16, help="base filters of the memory test")
+    parser.add_argument("--memory-precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="arithmetic of the memory test (default: auto, what prediction_mito.py runs)")
     parser.add_argument("--no-memory-runs", action="store_true",
                         help="time the large slice against the small ones in this process only, without the "
                              "prediction_mito.py runs that measure peak memory (minutes each for large models)")
@@ -84,6 +92,9 @@ def parse_args(argv=None):
     if args.quick:
         args.size, args.slices = 128, 2
         args.naive_tile, args.naive_stride, args.naive_tiles, args.memory_filters = 64, 32, 3, 4
+        # a tiny model's tiles sized to memory would hold the 512 px slice whole: cut it as a large one is
+        args.tile_size = args.tile_size or 256
+    args.large_repeats = args.large_repeats or (1 if args.quick else 3)
     if args.filters is None:
         args.filters = [4] if args.quick else [16, 32, 64]
     if args.sizes is None:
@@ -331,6 +342,8 @@ def bench_config(args, filters, precision, slices, folder: Path, work: Path, cei
 
 
 def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> list[dict]:
+    import statistics
+
     import numpy as np
     import data
 
@@ -345,7 +358,8 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
         writer.add(np.roll(page, 31 * index, axis=0))
     writer.close()
     del page
-    extra = ["--save-prob"] + (["--tile-size", str(args.tile_size)] if args.tile_size else [])
+    extra = ["--save-prob", "--precision", args.memory_precision] + (["--tile-size", str(args.tile_size)]
+                                                                      if args.tile_size else [])
 
     def predict(source, name):
         command = [str(REPO / "prediction_mito.py"), "--input", str(source), "--model",
@@ -354,9 +368,9 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
 
     # Time per megapixel of tiled prediction, in this process: the small slices, then the large one.
     model, settings = mito.model_files.load_model(model_path)
-    # The precision prediction_mito.py runs by default (bfloat16 where the CPU has it in hardware).
+    # By default what prediction_mito.py runs (bfloat16 where the CPU has it in hardware).
     segmenter = mito.segmenter.Segmenter(model, settings, tile_size=args.tile_size, batch_size=args.batch_size,
-                                         precision="auto")
+                                         precision=args.memory_precision)
     small = [data.read_image(path) for path in data.list_images(reference)]
     small_seconds, _ = steady_seconds(lambda slices=small: [segmenter.probability(each) for each in slices],
                                       args.repeats)
@@ -364,7 +378,8 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     image = data.read_image(large / "0000.png")
     layout = mito.tiling.tile_layout(image.shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     segmenter.probability(image[: layout.tile_shape[0], : layout.tile_shape[1]])  # warm up the tile shape
-    large_rate = timed(segmenter.probability, image)[0] / (image.size / 1e6)
+    large_seconds = statistics.median(timed(segmenter.probability, image)[0] for _ in range(args.large_repeats))
+    large_rate = large_seconds / (image.size / 1e6)
     tile_seconds = interior_tile_seconds(segmenter, model, layout, image, args.repeats)
     small_layout = mito.tiling.tile_layout(small[0].shape, segmenter.tile_size, segmenter.overlap, segmenter.align)
     computed = [len(each.tiles) * each.tile_shape[0] * each.tile_shape[1] / area
@@ -377,7 +392,7 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
     results = []
     for name, source, rate in cases:
         record = {"kind": "memory", "device": device, "filters": args.memory_filters, "input": name,
-                  "precision": segmenter.precision}
+                  "precision": segmenter.precision, "tile_size": segmenter.tile_size}
         if args.no_memory_runs:
             if not rate:
                 continue
@@ -387,8 +402,8 @@ def bench_memory(args, side: int, work: Path, reference: Path, device: str) -> l
         if rate:
             record |= {"tiled_s_per_mpx": round(rate, 4), f"tiled_s_per_mpx_{args.size}": round(small_rate, 4),
                        # the small slices: the median of --repeats passes after a warm-up pass; the large one:
-                       # one pass after its tile shape was warmed up (a pass takes minutes)
-                       "timed_repetitions": {"large": 1, "small": args.repeats},
+                       # the median of --large-repeats passes after its tile shape was warmed up
+                       "timed_repetitions": {"large": args.large_repeats, "small": args.repeats},
                        "time_per_mpx_vs_small": round(rate / small_rate, 3),
                        "computed_px_per_image_px": round(computed[1], 3),
                        # one inner tile of the large slice: the whole U-Net, and its decoder cropped (the default)

@@ -54,9 +54,13 @@ def test_peak_memory_of_a_child_is_its_own(tmp_path):
 
 def test_large_slice_scaling_alone_skips_the_memory_runs(capsys):
     bench = load_script("benchmarks/bench_predict.py")
-    assert bench.main(["--quick", "--filters", "--no-memory-runs"]) == 0
+    assert bench.main(["--quick", "--filters", "--no-memory-runs", "--large-repeats", "2"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()][1:]
     assert len(records) == 1 and "512x512 PNG" in records[0]["input"]
+    assert records[0]["timed_repetitions"] == {"large": 2, "small": 3} and records[0]["tile_size"] == 256
+    assert records[0]["computed_px_per_image_px"] > 1  # the quick run still cuts the large slice into tiles
     assert "peak_rss_mb" not in records[0] and records[0]["time_per_mpx_vs_small"] > 0
     assert records[0]["precision"] in ("float32", "bfloat16")
+    assert bench.main(["--quick", "--filters", "--no-memory-runs", "--memory-precision", "float32"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[1])["precision"] == "float32"
     assert set(records[0]["inner_tile_s"]) == {"whole_network", "decoder_cropped", "kept_px"}
