@@ -154,6 +154,9 @@ def pixel_size_scale(args, settings) -> float | None:
                               "to resample to, and there are no --instances to measure in nm; leave it out")
         print(f"note: the model records no training pixel size: slices are not resampled, --pixel-size "
               f"{pixel_size:g} gives the measurements' units", file=sys.stderr)
+    if pixel_size is None and settings.pixel_size is not None:  # right only for EM at the model's pixel size
+        print(f"note: the model learned mitochondria at {settings.pixel_size:g} nm per pixel and these slices are "
+              "taken to have that pixel size: give --pixel-size NM if they do not", file=sys.stderr)
     return settings.scale_for_pixel_size(pixel_size)
 
 

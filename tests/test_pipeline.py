@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,23 @@ def test_a_pixel_size_that_cannot_take_effect_is_a_one_line_error(tiny_model, sm
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--pixel-size 5 has no effect" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_a_pixel_size_says_what_it_assumes_when_none_is_given(tiny_model, small_dataset, tmp_path):
+    import dataclasses
+
+    model_path = tmp_path / "at8nm.h5"
+    shutil.copy(tiny_model, model_path)
+    _, settings = mito.model_files.load_model(tiny_model)
+    mito.model_files.write_settings(model_path, dataclasses.replace(settings, pixel_size=8.0))
+    for extra, noted in (([], True), (["--pixel-size", "8"], False)):
+        result = subprocess.run([sys.executable, str(REPO / "prediction_mito.py"), "--input",
+                                 str(small_dataset / "unlabeled"), "--model", str(model_path), "--output",
+                                 str(tmp_path / f"out{len(extra)}"), *extra], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert ("learned mitochondria at 8 nm per pixel" in result.stderr) == noted, result.stderr
 
 
 def test_pipeline_benchmark_prints_one_json_line_per_measurement(small_dataset, capsys):
