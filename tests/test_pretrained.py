@@ -16,7 +16,9 @@ from mito.model_files import PRETRAINED, load_model, shipped_models
 
 CARD = PRETRAINED / "README.md"
 SHARED_DATASETS = SHARED_SAMPLE.parent
-SCORE_ROW = re.compile(r"^\| `(\w+)` \| (\w+) \| (\w+) \| (0\.\d{4}) \| (0\.\d{4}) \| (0\.\d{4}) \| (0\.\d{4}) \|$")
+# | model | dataset | --pixel-size (or -) | split | IoU | Dice | precision | recall |
+SCORE_ROW = re.compile(r"^\| `(\w+)` \| (\w+) \| ([\d.]+|-) \| (\w+) \| (0\.\d{4}) \| (0\.\d{4}) \| (0\.\d{4}) "
+                       r"\| (0\.\d{4}) \|$")
 CHECKSUM_ROW = re.compile(r"^\| `(\w+\.h5)` \| ([0-9a-f]{64}) \|$")
 # The card's figures are rounded to 4 decimals and were measured on one CPU; another CPU's arithmetic moves
 # an IoU by far less than this, a different model by far more.
@@ -42,13 +44,15 @@ def test_every_shipped_model_has_its_settings_checksum_and_scores_in_the_card():
         assert settings.threshold_tuned_on.startswith("valid")
 
 
-@pytest.mark.parametrize("model, dataset, split, iou, dice, precision, recall", card_scores())
-def test_the_cards_figures_come_back_in_a_fresh_run(model, dataset, split, iou, dice, precision, recall, tmp_path):
+@pytest.mark.parametrize("model, dataset, pixel_size, split, iou, dice, precision, recall", card_scores())
+def test_the_cards_figures_come_back_in_a_fresh_run(model, dataset, pixel_size, split, iou, dice, precision, recall,
+                                                    tmp_path):
     root = SHARED_DATASETS / dataset
     if not (root / split).is_dir():
         pytest.skip(f"{dataset} not found at {root} (it lives in ../shared beside the checkout)")
+    told = [] if pixel_size == "-" else ["--pixel-size", pixel_size]
     assert test_mito.main(["--model", model, "--dataset", str(root), "--split", split, "--precision", "float32",
-                           "--output", str(tmp_path)]) == 0
+                           "--output", str(tmp_path), *told]) == 0
     mean = json.loads((tmp_path / "summary.json").read_text())["mean"]
     measured = [mean[name] for name in ("iou", "dice", "precision", "recall")]
     card = [float(figure) for figure in (iou, dice, precision, recall)]
