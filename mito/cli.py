@@ -90,7 +90,7 @@ def add_inference_options(group) -> None:
     """Options of test and prediction; None means 'the model's JSON value'."""
     group.add_argument("--tile-size", type=tile_size,
                        help="tile side for prediction, in the pixels the model sees, or 'auto': the largest tile "
-                            "whose forward pass fits in about 1.25 GB, at least 1280 (default: the model's; auto "
+                            "whose forward pass fits in about 1.1 GB, at least 1280 (default: the model's; auto "
                             "for models trained since it exists, 1280 for older ones)")
     group.add_argument("--overlap", type=non_negative_int,
                        help="pixels shared by neighbouring tiles (default: the model's, from its receptive field)")

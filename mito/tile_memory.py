@@ -2,8 +2,8 @@
 
 A tile is computed with the network's reach as a margin on every side it shares with another tile, and the
 margins are thrown away; the larger the tile, the smaller their share. An 8192 px slice computes 1.49 px
-per image px in 1280 px tiles and 1.20 in 2240 px tiles, which took its time per megapixel from 1.28 to
-1.13 times a 1024 px slice's (16 filters; benchmarks/RESULTS.md, "Tile size from a memory budget").
+per image px in 1280 px tiles and 1.20 in 2240 px tiles, which took its time per megapixel from 1.28-1.31
+to 1.01-1.16 times a 1024 px slice's (16 filters; benchmarks/RESULTS.md, "Tile size from a memory budget").
 The forward pass holds a few full-resolution feature maps at a time, so its memory grows with the tile's
 area, the base filters and the bytes of its arithmetic.
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 
 # Bytes the forward pass of one tile may hold: beside it, an 8192 x 8192 slice's float32 copy and
-# probability and a TIFF stack's reader and writer keep prediction_mito.py under 3 GB.
-TILE_MEMORY_BUDGET = 1.25e9
+# probability and a TIFF stack's reader (the next page normalised ahead) and writer kept prediction_mito.py
+# at 2.97 GB, just under 3 GB, with 2240-px tiles of a 16-filter U-Net in bfloat16 (the largest this allows).
+TILE_MEMORY_BUDGET = 1.125e9
 # Tiles are never smaller than this (the tile size of models whose JSON records one): slices up to it
 # are one bare prediction.
 MINIMUM_TILE = 1280
