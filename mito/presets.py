@@ -60,8 +60,9 @@ OVERRIDES = {
     "cpu": CPU,
     # Fine-tuning a trained model on 1-4 labelled slices of the user's EM in about 5 minutes on 2 CPU cores:
     # the cpu recipe (an --init-from parent brings its own architecture, normalisation and scale), a third of its
-    # steps, and a third of its learning rate so that the first steps do not wash out what the parent knows.
-    "finetune": dict(CPU, epochs=6, steps_per_epoch=200, learning_rate=1e-3),
+    # steps, and a tenth of its learning rate so that the steps refine what the parent knows instead of washing
+    # it out (a third did no better than training from scratch; benchmarks/RESULTS.md, "Your own EM").
+    "finetune": dict(CPU, epochs=6, steps_per_epoch=200, learning_rate=3e-4),
     # The synthetic demo: a few minutes on a CPU.
     "demo": dict(
         dataset="dataset/demo",

@@ -259,7 +259,7 @@ def test_init_from_trains_resumes_and_repeats(tiny_model, small_dataset, tmp_pat
 def test_init_from_without_a_preset_takes_the_finetune_recipe(tiny_model):
     args = training_mito.parse_args(["--init-from", str(tiny_model), "--dataset", "mine"])
     assert args.preset == "finetune"
-    assert (args.epochs, args.steps_per_epoch, args.learning_rate) == (6, 200, 1e-3)
+    assert (args.epochs, args.steps_per_epoch, args.learning_rate) == (6, 200, 3e-4)
     assert training_mito.parse_args(["--init-from", str(tiny_model), "--preset", "cpu"]).learning_rate == 3e-3
     assert training_mito.parse_args(["--dataset", "mine"]).preset == "gpu"
 
